@@ -1,0 +1,1 @@
+"""Model runtime: registry, weights manager, devices. Imports torch lazily."""

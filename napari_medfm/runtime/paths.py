@@ -1,0 +1,34 @@
+"""Where napari-medfm keeps weights and downloaded sample data (no network here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def medfm_home() -> Path:
+    """Root folder for weights and caches: ``$MEDFM_HOME`` or the user cache dir."""
+    env = os.environ.get("MEDFM_HOME")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("napari-medfm", appauthor=False))
+
+
+def weights_dir() -> Path:
+    """Folder holding one sub-folder per model, laid out like its hub repository."""
+    return medfm_home() / "weights"
+
+
+def data_dir() -> Path:
+    """Folder for sample data downloaded on demand (checksummed)."""
+    return medfm_home() / "data"
+
+
+def test_data_dir() -> Path:
+    """Real test corpus: ``$MEDFM_TEST_DATA`` or ``../shared/data/real`` beside the checkout."""
+    env = os.environ.get("MEDFM_TEST_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
