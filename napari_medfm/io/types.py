@@ -34,7 +34,18 @@ class MedicalImage:
         Layer name shown to the user (series description / number or file stem; never a
         patient identifier).
     metadata
-        Header facts (modality, spacing, series UID, window, rescale, warnings...). No PHI.
+        Header facts; never patient identifiers. Conventional keys (all optional):
+
+        ``source_path`` (file/folder opened), ``source_files`` (DICOM: list of files, index k
+        of numpy axis 0 <-> ``source_files[k]``; one entry for multi-frame),
+        ``series_instance_uid``, ``study_instance_uid``, ``frame_of_reference_uid``,
+        ``sop_class_uid``, ``series_description``, ``series_number``, ``transfer_syntax``,
+        ``rescale`` ({"slope", "intercept"}), ``units`` ("HU" for CT), ``photometric``,
+        ``slice_spacing`` / ``slice_thickness`` (mm), ``warnings`` (list of user-facing
+        strings: gantry tilt, non-uniform spacing, ...), and for label maps
+        ``label_names`` ({int: name}) and ``label_colors`` ({int: [r, g, b]} 0-255).
+    is_label
+        The image is a label map (segmentation) and becomes a napari Labels layer.
     """
 
     data: Any
@@ -46,6 +57,7 @@ class MedicalImage:
     multiscale: bool = False
     window: tuple[float, float] | None = None  # (center, width) default display window
     metadata: dict[str, Any] = field(default_factory=dict)
+    is_label: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -78,7 +90,12 @@ class MedicalImage:
         return md
 
     def layer_data(self, **extra: Any) -> tuple[Any, dict[str, Any], str]:
-        """A napari ``LayerDataTuple`` ``(data, kwargs, "image")``; no napari import needed."""
+        """A napari ``LayerDataTuple`` ``(data, kwargs, "image"|"labels")``; no napari import."""
+        if self.is_label:
+            kwargs = {"name": self.name, "metadata": self.full_metadata(), "multiscale": self.multiscale}
+            kwargs.update(self.geometry.napari_kwargs())
+            kwargs.update(extra)
+            return (self.data, kwargs, "labels")
         kwargs: dict[str, Any] = {
             "name": self.name,
             "metadata": self.full_metadata(),
