@@ -1,0 +1,7 @@
+"""``python -m napari_medfm`` == ``medfm``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Headless trainers (Merlin, MerMED-FM, RadFM pretraining recipes) - see trainers/README.md."""
