@@ -1,0 +1,707 @@
+"""Weights manager: find, verify (sha256), download (resumable) and import model weights.
+
+Layout on disk: ``<root>/<model_id>/<filename as in the hub repository>``, where ``root`` is
+:func:`napari_medfm.runtime.paths.weights_dir` (``$MEDFM_HOME/weights``) unless given. A local
+folder laid out like the hub repository (for instance a ``git clone`` of it or a Hugging Face
+cache snapshot folder) works offline through ``explicit=`` / ``--weights``.
+
+Nothing here touches the network except :meth:`WeightsManager.fetch`, which runs only when the
+user asks for it (``medfm weights fetch ID``). Downloads go to ``<file>.part``, resume with an
+HTTP ``Range`` request after a cut, are verified against the pinned sha256 and only then moved
+into place with :func:`os.replace`, so a final path never holds a partial file.
+
+Verified hashes are cached in ``<root>/.verified.json`` keyed by (path, size, mtime) so a
+multi-GB checkpoint is hashed once, not at every model load.
+
+This module is torch-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable, Generator, Iterable
+from pathlib import Path
+from typing import Any
+
+from ..errors import WeightsError
+from ..tasks.progress import Progress, drain
+from .paths import weights_dir
+from .registry import ModelSpec, WeightFile, get_spec, list_specs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 8 * 1024 * 1024
+_DOWNLOAD_CHUNK = 1024 * 1024
+_CACHE_NAME = ".verified.json"
+_PART_SUFFIX = ".part"
+_TRUTHY = {"1", "on", "yes", "true"}
+
+SpecLike = ModelSpec | str
+
+#: Status values reported by :meth:`WeightsManager.verify` / :meth:`WeightsManager.list`.
+OK, MISSING, PARTIAL, MISMATCH, UNPINNED = "ok", "missing", "partial", "hash mismatch", "unpinned"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def sha256_file(path: str | Path, chunk: int = DEFAULT_CHUNK,
+                callback: Callable[[int], Any] | None = None) -> str:
+    """Hex sha256 of a file, read in ``chunk``-byte blocks (``callback(bytes_done)`` per block)."""
+    h = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+            done += len(block)
+            if callback is not None:
+                callback(done)
+    return h.hexdigest()
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "unknown size"
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def _as_spec(spec_or_id: SpecLike) -> ModelSpec:
+    return spec_or_id if isinstance(spec_or_id, ModelSpec) else get_spec(spec_or_id)
+
+
+def _hf_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY
+
+
+def _total_size(files: Iterable[WeightFile]) -> int | None:
+    sizes = [f.size for f in files]
+    if not sizes or any(s is None for s in sizes):
+        return None
+    return int(sum(s for s in sizes if s is not None))
+
+
+def how_to_get(spec: ModelSpec, root: Path | None = None) -> str:
+    """The three ways to provide a model's weights, as one user-facing sentence."""
+    ways = []
+    if spec.repo_id:
+        total = _total_size(spec.required_files or spec.files)
+        size = f"downloads {_human(total)}" if total else "downloads"
+        ways.append(f"`medfm weights fetch {spec.id}` ({size} from hf.co/{spec.repo_id})")
+    ways.append(f"`medfm weights import {spec.id} PATH` (a file or a folder laid out like the hub repo)")
+    ways.append("`--weights PATH` / the widget's weights field")
+    where = f" They are expected in {root / spec.id}." if root is not None else ""
+    return "Get them with " + ", or ".join(ways) + "." + where
+
+
+def _cut(items: list[str], n: int = 10) -> str:
+    more = f" ... (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+# --------------------------------------------------------------------------- manager
+
+
+class WeightsManager:
+    """Find, verify, download and import the weights of registered models.
+
+    ``root`` defaults to :func:`weights_dir` (read at each call, so ``$MEDFM_HOME`` changes
+    are honoured).
+    """
+
+    def __init__(self, root: Path | str | None = None):
+        self._root = None if root is None else Path(root).expanduser()
+
+    # ---- layout
+
+    @property
+    def root(self) -> Path:
+        return self._root if self._root is not None else weights_dir()
+
+    def model_dir(self, spec_or_id: SpecLike) -> Path:
+        """``<root>/<model_id>``: the hub-repo-like folder holding the model's files."""
+        model_id = spec_or_id.id if isinstance(spec_or_id, ModelSpec) else spec_or_id
+        return self.root / model_id
+
+    def expected_path(self, spec_or_id: SpecLike, filename: str | None = None) -> Path:
+        """Where ``resolve`` looks for a model's weights (file, or folder for multi-file models)."""
+        spec = _as_spec(spec_or_id)
+        wf = self._target_file(spec, filename)
+        folder = self.model_dir(spec)
+        return folder if wf is None else folder / wf.filename
+
+    # ---- verification cache
+
+    def _cache_path(self) -> Path:
+        return self.root / _CACHE_NAME
+
+    def _load_cache(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self._cache_path().read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _cached_hash(self, path: Path) -> str | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        entry = self._load_cache().get(str(path.resolve()))
+        if (isinstance(entry, dict) and entry.get("size") == st.st_size
+                and entry.get("mtime_ns") == st.st_mtime_ns):
+            return entry.get("sha256")
+        return None
+
+    def _store_hash(self, path: Path, digest: str) -> None:
+        try:
+            st = path.stat()
+            cache = self._load_cache()
+            cache[str(path.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                          "sha256": digest}
+            # drop entries of files that are gone
+            cache = {k: v for k, v in cache.items() if Path(k).exists()}
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".verified.", suffix=".tmp")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(cache, fh, indent=1, sort_keys=True)
+            os.replace(tmp, self._cache_path())
+        except OSError as exc:  # a read-only weights folder must not break loading
+            log.debug("could not update the hash cache: %s", exc)
+
+    def file_hash(self, path: str | Path, callback: Callable[[int], Any] | None = None) -> str:
+        """sha256 of ``path``, from the cache when (size, mtime) are unchanged."""
+        path = Path(path)
+        digest = self._cached_hash(path)
+        if digest is None:
+            digest = sha256_file(path, callback=callback)
+            self._store_hash(path, digest)
+        return digest
+
+    # ---- checks
+
+    def _check_file(self, spec: ModelSpec, wf: WeightFile, path: Path) -> dict[str, Any]:
+        """Status of one file (hashes it when pinned, through the cache)."""
+        row: dict[str, Any] = {
+            "model": spec.id, "file": wf.filename, "path": str(path), "required": wf.required,
+            "expected_size": wf.size, "expected_sha256": wf.sha256, "size": None,
+            "sha256": None, "status": MISSING, "message": "",
+        }
+        if not path.is_file():
+            part = path.with_name(path.name + _PART_SUFFIX)
+            row["message"] = f"{wf.filename} not found in {path.parent}"
+            if part.exists():
+                row["message"] += (f" (an interrupted download {part.name} of "
+                                   f"{_human(part.stat().st_size)} is there: "
+                                   f"`medfm weights fetch {spec.id}` resumes it)")
+            return row
+        size = path.stat().st_size
+        row["size"] = size
+        if wf.size is not None and size != wf.size:
+            row["status"] = PARTIAL
+            row["message"] = (f"{path} is partial or corrupt: {size} bytes, expected {wf.size} "
+                              f"({_human(wf.size)}). Delete it and run "
+                              f"`medfm weights fetch {spec.id}` or import a complete copy.")
+            return row
+        if not wf.sha256:
+            row["status"] = UNPINNED
+            row["message"] = f"{wf.filename}: present, no pinned sha256 to verify against"
+            return row
+        digest = self.file_hash(path)
+        row["sha256"] = digest
+        if digest.lower() != wf.sha256.lower():
+            row["status"] = MISMATCH
+            row["message"] = (f"{path}: sha256 mismatch: expected {wf.sha256}, got {digest}. "
+                              f"The file is corrupt or a different release; delete it and run "
+                              f"`medfm weights fetch {spec.id}` (or import the released file).")
+            return row
+        row["status"] = OK
+        return row
+
+    def _raise_if_bad(self, row: dict[str, Any]) -> None:
+        if row["status"] in (PARTIAL, MISMATCH):
+            raise WeightsError(row["message"])
+
+    @staticmethod
+    def _target_file(spec: ModelSpec, filename: str | None) -> WeightFile | None:
+        """The WeightFile ``resolve`` returns a path to (None: the whole folder)."""
+        if filename is not None:
+            for wf in spec.files:
+                if wf.filename == filename:
+                    return wf
+            return WeightFile(filename=filename)  # not declared: look for it, nothing to pin
+        req = spec.required_files
+        if len(req) == 1:
+            return req[0]
+        if not req and len(spec.files) == 1:
+            return spec.files[0]
+        return None
+
+    # ---- resolve
+
+    def resolve(self, spec_or_id: SpecLike, explicit: str | Path | None = None,
+                filename: str | None = None, verify: bool = True) -> Path:
+        """Path of a model's weights: a file, or the model folder for multi-file models.
+
+        Order: ``explicit`` (a file, or a folder laid out like the hub repo) > ``<root>/<id>/``
+        > :class:`WeightsError` saying how to get them. ``filename`` picks one file of the
+        repository (default: the single required file; the folder when there are several).
+        With ``verify`` the files are checked against the spec's pinned size and sha256.
+        """
+        spec = _as_spec(spec_or_id)
+        target = self._target_file(spec, filename)
+
+        if explicit is not None:
+            exp = Path(explicit).expanduser()
+            if not exp.exists():
+                raise WeightsError(f"weights for {spec.id}: {exp} does not exist. "
+                                   + how_to_get(spec, self.root))
+            if exp.is_file():
+                # a released file (matched by name) is verified; a renamed/fine-tuned checkpoint
+                # is the user's responsibility (strict loading still checks every key and shape)
+                declared = {wf.filename.rsplit("/", 1)[-1]: wf for wf in spec.files}
+                wf = declared.get(exp.name)
+                if verify and wf is not None:
+                    self._raise_if_bad(self._check_file(spec, wf, exp))
+                elif wf is None:
+                    log.info("%s: %s is not a released file name; not hash-verified",
+                             spec.id, exp.name)
+                return exp
+            return self._resolve_in_folder(spec, exp, target, verify, explicit=True)
+
+        folder = self.model_dir(spec)
+        return self._resolve_in_folder(spec, folder, target, verify, explicit=False)
+
+    def _resolve_in_folder(self, spec: ModelSpec, folder: Path, target: WeightFile | None,
+                           verify: bool, explicit: bool) -> Path:
+        wanted = [target] if target is not None else list(spec.required_files)
+        missing = [wf.filename for wf in wanted if not (folder / wf.filename).is_file()]
+        if missing:
+            where = f"{folder}" + ("" if explicit else " (the weights folder)")
+            partial = [m for m in missing if (folder / (m + _PART_SUFFIX)).exists()]
+            extra = (f" An interrupted download is there ({', '.join(partial)}): "
+                     f"`medfm weights fetch {spec.id}` resumes it." if partial else "")
+            if not spec.files and folder.is_dir():
+                return folder
+            raise WeightsError(
+                f"weights for {spec.id} not found: {_cut(missing)} missing in {where}.{extra} "
+                + how_to_get(spec, self.root))
+        if not wanted and not folder.is_dir():
+            raise WeightsError(f"weights for {spec.id} not found in {folder}. "
+                               + how_to_get(spec, self.root))
+        if verify:
+            for wf in wanted:
+                self._raise_if_bad(self._check_file(spec, wf, folder / wf.filename))
+        return folder / target.filename if target is not None else folder
+
+    # ---- verify / list
+
+    def verify(self, spec_or_id: SpecLike | None = None) -> list[dict[str, Any]]:
+        """Status of every declared file: ok / missing / partial / hash mismatch / unpinned."""
+        specs = [_as_spec(spec_or_id)] if spec_or_id is not None else list_specs()
+        rows: list[dict[str, Any]] = []
+        for spec in specs:
+            folder = self.model_dir(spec)
+            for wf in spec.files:
+                rows.append(self._check_file(spec, wf, folder / wf.filename))
+        return rows
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every registered model, its files, whether present, their size and verified state.
+
+        Never hashes: ``verified`` is True/False from the cache of earlier checks, None if the
+        file was not checked since it last changed (``medfm weights verify`` checks it).
+        """
+        out: list[dict[str, Any]] = []
+        for spec in list_specs():
+            folder = self.model_dir(spec)
+            files = []
+            for wf in spec.files:
+                p = folder / wf.filename
+                present = p.is_file()
+                size = p.stat().st_size if present else None
+                verified: bool | None = None
+                if present and wf.sha256:
+                    cached = self._cached_hash(p)
+                    if cached is not None:
+                        verified = cached.lower() == wf.sha256.lower()
+                    if wf.size is not None and size != wf.size:
+                        verified = False
+                part = p.with_name(p.name + _PART_SUFFIX)
+                files.append({
+                    "file": wf.filename, "path": str(p), "present": present, "size": size,
+                    "expected_size": wf.size, "required": wf.required, "pinned": bool(wf.sha256),
+                    "verified": verified,
+                    "partial_download": part.stat().st_size if part.exists() else None,
+                })
+            complete = all(f["present"] for f in files if f["required"])
+            out.append({
+                "model": spec.id, "family": spec.family, "repo_id": spec.repo_id,
+                "needs_weights": spec.needs_weights, "dir": str(folder), "files": files,
+                "complete": complete if spec.files else None,
+                "total_size": _total_size(spec.required_files or spec.files),
+                "licence": spec.licence,
+            })
+        return out
+
+    # ---- import
+
+    def import_(self, spec_or_id: SpecLike, path: str | Path, copy: bool | str = True,
+                filename: str | None = None) -> list[Path]:
+        """Bring local weights into ``<root>/<id>/`` (verified before anything is placed).
+
+        ``path`` is a file (matched to the declared file by name; a model with one declared
+        file takes it whatever its name, or pass ``filename``) or a folder laid out like the
+        hub repository. ``copy=True`` copies; ``copy="link"`` (or False) hard-links when on
+        the same file system, else symlinks.
+        """
+        spec = _as_spec(spec_or_id)
+        src = Path(path).expanduser()
+        if not src.exists():
+            raise WeightsError(f"cannot import weights for {spec.id}: {src} does not exist")
+        pairs: list[tuple[Path, WeightFile]] = []
+        if src.is_file():
+            by_name = {wf.filename.rsplit("/", 1)[-1]: wf for wf in spec.files}
+            if filename is not None:
+                wf = next((w for w in spec.files if w.filename == filename), None) \
+                    or WeightFile(filename=filename)
+            elif src.name in by_name:
+                wf = by_name[src.name]
+            elif len(spec.files) == 1:
+                wf = spec.files[0]
+            elif not spec.files:
+                wf = WeightFile(filename=src.name)
+            else:
+                raise WeightsError(
+                    f"cannot import {src} for {spec.id}: its name matches none of the model's "
+                    f"files ({', '.join(w.filename for w in spec.files)}); rename it or pass "
+                    "--file NAME")
+            pairs.append((src, wf))
+        else:
+            if spec.files:
+                missing = [wf.filename for wf in spec.required_files
+                           if not (src / wf.filename).is_file()]
+                if missing:
+                    raise WeightsError(
+                        f"cannot import {src} for {spec.id}: not laid out like hf.co/"
+                        f"{spec.repo_id or spec.id}; missing {_cut(missing)}")
+                pairs = [(src / wf.filename, wf) for wf in spec.files
+                         if (src / wf.filename).is_file()]
+            else:
+                pairs = [(p, WeightFile(filename=p.relative_to(src).as_posix()))
+                         for p in sorted(src.rglob("*")) if p.is_file()]
+        # verify everything first: nothing is placed if one file is bad
+        for p, wf in pairs:
+            self._raise_if_bad(self._check_file(spec, wf, p))
+        dest_dir = self.model_dir(spec)
+        placed: list[Path] = []
+        for p, wf in pairs:
+            dest = dest_dir / wf.filename
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists() and p.resolve() == dest.resolve():
+                placed.append(dest)
+                continue
+            tmp = dest.with_name(f".{dest.name}.import-{os.getpid()}.tmp")
+            try:
+                if copy is True:
+                    shutil.copyfile(p, tmp)
+                    shutil.copystat(p, tmp)
+                else:
+                    try:
+                        os.link(p, tmp)
+                    except OSError:
+                        os.symlink(p.resolve(), tmp)
+                os.replace(tmp, dest)
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            if wf.sha256:
+                self._store_hash(dest, wf.sha256.lower())
+            placed.append(dest)
+            log.info("imported %s -> %s", p, dest)
+        return placed
+
+    # ---- fetch
+
+    def fetch(self, spec_or_id: SpecLike, files: Iterable[str] | None = None,
+              progress: Callable[[Progress], Any] | None = None, retries: int = 3) -> list[Path]:
+        """Download a model's files from its hub repository (ONLY on explicit user request).
+
+        Resumable (``<file>.part`` + HTTP Range), sha256-verified, atomically moved into place.
+        ``progress`` is called with :class:`Progress` (bytes). Honours ``HF_ENDPOINT``,
+        ``HF_TOKEN`` / ``hf auth login``, ``HF_HUB_OFFLINE`` and the usual proxy variables.
+        """
+        return drain(self.fetch_iter(spec_or_id, files, retries=retries), progress)
+
+    def fetch_iter(self, spec_or_id: SpecLike, files: Iterable[str] | None = None,
+                   retries: int = 3) -> Generator[Progress, None, list[Path]]:
+        """Task-generator twin of :meth:`fetch` (yields byte progress; closing it cancels,
+        keeping the ``.part`` file for a later resume)."""
+        spec = _as_spec(spec_or_id)
+        if not spec.repo_id:
+            raise WeightsError(
+                f"{spec.id} has no download location; "
+                f"use `medfm weights import {spec.id} PATH` or `--weights PATH`")
+        wanted = self._files_to_fetch(spec, files)
+        if _offline():
+            raise WeightsError(
+                f"cannot download {spec.id}: offline mode is on (HF_HUB_OFFLINE is set). "
+                f"Unset HF_HUB_OFFLINE to download from hf.co/{spec.repo_id}, or use "
+                f"`medfm weights import {spec.id} PATH`.")
+        folder = self.model_dir(spec)
+        folder.mkdir(parents=True, exist_ok=True)
+        todo: list[WeightFile] = []
+        done: list[Path] = []
+        for wf in wanted:
+            dest = folder / wf.filename
+            if dest.is_file():
+                row = self._check_file(spec, wf, dest)
+                if row["status"] in (OK, UNPINNED):
+                    done.append(dest)
+                    continue
+                log.warning("%s; downloading it again", row["message"])
+            todo.append(wf)
+        known = _total_size(todo)
+        self._check_space(folder, todo)
+        total = known or 0
+        base = 0
+        for i, wf in enumerate(todo):
+            dest = folder / wf.filename
+            label = f"{wf.filename} ({i + 1}/{len(todo)})"
+            gen = self._download_one(spec, wf, dest, retries)
+            while True:
+                try:
+                    got, size = next(gen)
+                except StopIteration:
+                    break
+                overall = total if known else (size or 0)
+                step = base + got if known else got
+                yield Progress(step, overall, label)
+            base += wf.size or 0
+            done.append(dest)
+        return [folder / wf.filename for wf in wanted]
+
+    @staticmethod
+    def _files_to_fetch(spec: ModelSpec, files: Iterable[str] | None) -> list[WeightFile]:
+        if files is None:
+            chosen = list(spec.required_files) or list(spec.files)
+            if not chosen:
+                raise WeightsError(f"{spec.id} declares no weight files to download")
+            return chosen
+        by_name = {wf.filename: wf for wf in spec.files}
+        out = []
+        for name in files:
+            if name in by_name:
+                out.append(by_name[name])
+            elif spec.files:
+                raise WeightsError(f"{spec.id} has no file {name!r}; its files: "
+                                   + ", ".join(by_name))
+            else:
+                out.append(WeightFile(filename=name))
+        return out
+
+    @staticmethod
+    def _check_space(folder: Path, todo: list[WeightFile]) -> None:
+        need = sum((wf.size or 0) - _part_size(folder / wf.filename) for wf in todo)
+        if need <= 0:
+            return
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise WeightsError(f"not enough disk space in {folder}: {_human(need)} needed, "
+                               f"{_human(free)} free. Set $MEDFM_HOME to a larger disk.")
+
+    def _download_one(self, spec: ModelSpec, wf: WeightFile, dest: Path,
+                      retries: int) -> Generator[tuple[int, int | None], None, None]:
+        """Download one file into ``dest`` (via ``dest.part``), yielding (bytes, total)."""
+        import requests
+
+        url = (f"{_hf_endpoint()}/{spec.repo_id}/resolve/"
+               f"{urllib.parse.quote(spec.revision or 'main', safe='')}/"
+               f"{urllib.parse.quote(wf.filename)}")
+        part = dest.with_name(dest.name + _PART_SUFFIX)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        headers = {"User-Agent": "napari-medfm"}
+        token = _hf_token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        restarted = False
+        attempt = 0
+        while True:
+            try:
+                digest, server_sha = yield from _stream_to_part(requests, url, part, headers,
+                                                                wf.size, spec)
+            except _Transient as exc:
+                attempt += 1
+                if attempt > retries:
+                    raise WeightsError(
+                        f"download of {wf.filename} for {spec.id} was interrupted ({exc.cause}); "
+                        f"{_human(_part_size(dest))} kept in {part.name}: run "
+                        f"`medfm weights fetch {spec.id}` again to resume.") from None
+                log.warning("download of %s interrupted (%s); resuming (%d/%d)",
+                            wf.filename, exc.cause, attempt, retries)
+                time.sleep(min(2.0 ** (attempt - 1), 10.0) * 0.1)
+                continue
+            size = part.stat().st_size
+            expected = (wf.sha256 or server_sha or "").lower()
+            bad = None
+            if wf.size is not None and size != wf.size:
+                bad = f"{size} bytes, expected {wf.size}"
+            elif expected and digest != expected:
+                bad = f"sha256 {digest}, expected {expected}"
+            if bad:
+                part.unlink(missing_ok=True)
+                if not restarted:  # a stale .part from another revision: start over once
+                    restarted = True
+                    log.warning("%s: %s; downloading again from scratch", wf.filename, bad)
+                    continue
+                raise WeightsError(f"downloaded {wf.filename} for {spec.id} is corrupt ({bad}); "
+                                   "nothing was installed. Try again later or check HF_ENDPOINT "
+                                   "/ your proxy.")
+            os.replace(part, dest)
+            self._store_hash(dest, digest)
+            log.info("downloaded %s (%s) -> %s", wf.filename, _human(size), dest)
+            return
+
+
+class _Transient(Exception):
+    def __init__(self, cause: str):
+        super().__init__(cause)
+        self.cause = cause
+
+
+def _part_size(dest: Path) -> int:
+    part = dest.with_name(dest.name + _PART_SUFFIX)
+    try:
+        return part.stat().st_size
+    except OSError:
+        return 0
+
+
+def _hf_token() -> str | None:
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # no stored token / old huggingface_hub
+        return None
+
+
+def _stream_to_part(requests: Any, url: str, part: Path, headers: dict[str, str],
+                    expected_size: int | None, spec: ModelSpec,
+                    ) -> Generator[tuple[int, int | None], None, tuple[str, str | None]]:
+    """GET ``url`` appending to ``part`` (resuming with Range); returns (sha256, server sha256)."""
+    have = part.stat().st_size if part.exists() else 0
+    h = hashlib.sha256()
+    if have:
+        if expected_size is not None and have > expected_size:
+            part.unlink()
+            have = 0
+        else:
+            with open(part, "rb") as fh:
+                for block in iter(lambda: fh.read(DEFAULT_CHUNK), b""):
+                    h.update(block)
+    req_headers = dict(headers)
+    if have:
+        req_headers["Range"] = f"bytes={have}-"
+    try:
+        resp = requests.get(url, headers=req_headers, stream=True, timeout=(10, 60),
+                            allow_redirects=True)
+    except requests.exceptions.SSLError as exc:
+        raise WeightsError(f"TLS error reaching {url}: {exc}") from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise _Transient(f"cannot reach {url}: {type(exc).__name__}") from None
+    with resp:
+        server_sha = None
+        for r in [*resp.history, resp]:
+            etag = (r.headers.get("X-Linked-Etag") or "").strip('"').lower()
+            if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag):
+                server_sha = etag
+        code = resp.status_code
+        if code in (401, 403):
+            raise WeightsError(
+                f"access to hf.co/{spec.repo_id} was refused (HTTP {code}): the repository may be "
+                f"gated or private. Accept its terms on https://huggingface.co/{spec.repo_id} "
+                "while logged in, then `hf auth login` or set HF_TOKEN, and try again.")
+        if code == 404:
+            raise WeightsError(f"{url} was not found (HTTP 404): check the repository, revision "
+                               "and file name (or HF_ENDPOINT).")
+        if code == 416 and have:  # nothing left to send: the .part is complete (or stale)
+            return h.hexdigest(), server_sha
+        if code >= 500 or code == 429:
+            raise _Transient(f"HTTP {code} from the server")
+        if code not in (200, 206):
+            raise WeightsError(f"download of {url} failed: HTTP {code}")
+        total: int | None = expected_size
+        if code == 200:  # server ignored Range: start again
+            if have:
+                h = hashlib.sha256()
+                have = 0
+            mode = "wb"
+            length = resp.headers.get("Content-Length")
+            if total is None and length and length.isdigit():
+                total = int(length)
+        else:
+            mode = "ab"
+            cr = resp.headers.get("Content-Range", "")
+            if total is None and "/" in cr and cr.rsplit("/", 1)[1].isdigit():
+                total = int(cr.rsplit("/", 1)[1])
+        got = have
+        yield got, total
+        try:
+            with open(part, mode) as fh:
+                for block in resp.iter_content(_DOWNLOAD_CHUNK):
+                    if not block:
+                        continue
+                    fh.write(block)
+                    h.update(block)
+                    got += len(block)
+                    yield got, total
+                fh.flush()
+                os.fsync(fh.fileno())
+        except GeneratorExit:
+            raise
+        except (requests.exceptions.RequestException, ConnectionError, OSError) as exc:
+            if isinstance(exc, OSError) and not isinstance(exc, ConnectionError) \
+                    and exc.errno is not None and exc.errno in (28,):  # ENOSPC
+                raise WeightsError(f"disk full while writing {part}") from None
+            raise _Transient(type(exc).__name__) from None
+        if total is not None and got < total:
+            raise _Transient(f"connection closed after {got} of {total} bytes")
+    return h.hexdigest(), server_sha
+
+
+# --------------------------------------------------------------------------- conveniences
+
+
+def resolve_weights(model_id: str, explicit: str | Path | None = None,
+                    filename: str | None = None) -> Path:
+    """Module-level :meth:`WeightsManager.resolve` with the default weights folder."""
+    return WeightsManager().resolve(model_id, explicit=explicit, filename=filename)
+
+
+__all__ = [
+    "MISMATCH", "MISSING", "OK", "PARTIAL", "UNPINNED", "WeightsManager", "how_to_get",
+    "resolve_weights", "sha256_file",
+]
