@@ -185,7 +185,7 @@ def check_memory(required_bytes: int, device: Any, what: str = "this job",
     if free is None or required_bytes <= free * margin:
         return None
     return (f"{what} needs about {_gib(required_bytes)} but only {_gib(free)} is free on "
-            f"{device}. " + oom_advice(device, what))
+            f"{device}: {_tips(device)}")
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -208,8 +208,7 @@ def is_oom(exc: BaseException) -> bool:
     return False
 
 
-def oom_advice(device: Any, what: str = "the model") -> str:
-    """What to try after an out-of-memory error on ``device``."""
+def _tips(device: Any) -> str:
     dev = str(device)
     tips = ["a smaller sliding window / batch size"]
     if not dev.startswith("cpu"):
@@ -217,7 +216,12 @@ def oom_advice(device: Any, what: str = "the model") -> str:
         tips.append("--device cpu (slower, uses RAM)")
     else:
         tips.append("closing other programs, or a GPU (--device cuda)")
-    return f"Out of memory running {what} on {dev}: try " + ", ".join(tips) + "."
+    return "try " + ", ".join(tips[:-1]) + " or " + tips[-1] + "."
+
+
+def oom_advice(device: Any, what: str = "the model") -> str:
+    """What to try after an out-of-memory error on ``device``."""
+    return f"Out of memory running {what} on {device}: {_tips(device)}"
 
 
 # --------------------------------------------------------------------------- info

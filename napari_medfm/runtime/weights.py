@@ -457,16 +457,7 @@ class WeightsManager:
         """Task-generator twin of :meth:`fetch` (yields byte progress; closing it cancels,
         keeping the ``.part`` file for a later resume)."""
         spec = _as_spec(spec_or_id)
-        if not spec.repo_id:
-            raise WeightsError(
-                f"{spec.id} has no download location; "
-                f"use `medfm weights import {spec.id} PATH` or `--weights PATH`")
-        wanted = self._files_to_fetch(spec, files)
-        if _offline():
-            raise WeightsError(
-                f"cannot download {spec.id}: offline mode is on (HF_HUB_OFFLINE is set). "
-                f"Unset HF_HUB_OFFLINE to download from hf.co/{spec.repo_id}, or use "
-                f"`medfm weights import {spec.id} PATH`.")
+        wanted = self.plan_fetch(spec, files)
         folder = self.model_dir(spec)
         folder.mkdir(parents=True, exist_ok=True)
         todo: list[WeightFile] = []
@@ -500,9 +491,27 @@ class WeightsManager:
             done.append(dest)
         return [folder / wf.filename for wf in wanted]
 
+    def plan_fetch(self, spec_or_id: SpecLike,
+                   files: Iterable[str] | None = None) -> list[WeightFile]:
+        """The files :meth:`fetch` would download; raises :class:`WeightsError` up front when
+        the model has no download location, a file name is unknown, or offline mode is on."""
+        spec = _as_spec(spec_or_id)
+        if not spec.repo_id:
+            raise WeightsError(
+                f"{spec.id} has no download location; "
+                f"use `medfm weights import {spec.id} PATH` or `--weights PATH`")
+        wanted = self._files_to_fetch(spec, files)
+        if _offline():
+            raise WeightsError(
+                f"cannot download {spec.id}: offline mode is on (HF_HUB_OFFLINE is set). "
+                f"Unset HF_HUB_OFFLINE to download from hf.co/{spec.repo_id}, or use "
+                f"`medfm weights import {spec.id} PATH`.")
+        return wanted
+
     @staticmethod
     def _files_to_fetch(spec: ModelSpec, files: Iterable[str] | None) -> list[WeightFile]:
-        if files is None:
+        files = None if files is None else list(files)
+        if not files:
             chosen = list(spec.required_files) or list(spec.files)
             if not chosen:
                 raise WeightsError(f"{spec.id} declares no weight files to download")
