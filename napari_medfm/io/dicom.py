@@ -504,13 +504,19 @@ def _assemble(group: _Group, source: Path, cancel_check: Any = None) -> Generato
     window = first.window
     if fmt.photometric == "MONOCHROME1":
         lo, hi = fmt.stored_range()
-        lo, hi = min(lo * first.slope, hi * first.slope) + first.intercept, max(lo * first.slope, hi * first.slope) + first.intercept
-        if out.dtype.kind == "u":
-            out = (np.asarray(hi, dtype=out.dtype) - out) + np.asarray(lo, dtype=out.dtype)
+        ends = sorted((lo * first.slope + first.intercept, hi * first.slope + first.intercept))
+        lo, hi = ends
+        if out.dtype.kind in "iu":
+            lo, hi = int(round(lo)), int(round(hi))
+            info = np.iinfo(out.dtype)
+            if info.min <= lo and hi <= info.max:
+                # hi - v + lo stays inside [lo, hi]: compute in place without widening
+                np.subtract(out.dtype.type(hi), out, out=out)
+                np.add(out, out.dtype.type(lo), out=out)
+            else:
+                out = ((hi + lo) - out.astype(np.int64)).astype(out.dtype)
         else:
-            out = (hi + lo) - out
-            if out.dtype.kind == "f":
-                out = out.astype(np.float32)
+            out = ((hi + lo) - out).astype(np.float32)
         inverted = True
         if window is not None:
             window = (float(hi + lo - window[0]), window[1])
