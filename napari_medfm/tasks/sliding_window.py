@@ -1,0 +1,229 @@
+"""Sliding-window inference as a cancellable generator (MONAI machinery, one yield per batch).
+
+:func:`sliding_window_gen` computes exactly what :func:`monai.inferers.sliding_window_inference`
+computes for a predictor returning one tensor with the window's spatial size (same window grid
+from :func:`monai.data.utils.dense_patch_slices`, same blending weights from
+:func:`monai.data.utils.compute_importance_map`, same padding and cropping), but it is written as
+a generator that yields :class:`~napari_medfm.tasks.progress.Progress` after every batch of
+``sw_batch_size`` windows. A napari worker therefore shows real progress and ``worker.quit()``
+stops the run within one batch; the CLI drains it with a progress bar.
+
+Memory: windows are cut from the input where it lives (usually the CPU), moved to ``sw_device``
+batch by batch, predicted (optionally under autocast), weighted and added straight into the
+output accumulator on ``device`` (default: the CPU) - the full-size volume never sits on the GPU.
+The accumulator is float32 ``(N, C, *spatial)`` plus one float32 weight map ``(1, 1, *spatial)``;
+normalisation happens in place at the end.
+
+torch and MONAI are imported on call, not at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
+
+from ..errors import MedfmError
+from .progress import Progress
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+class OutOfMemoryError(MedfmError):
+    """A window batch did not fit in the device's memory (message holds the advice)."""
+
+
+def _is_oom(exc: BaseException) -> bool:
+    try:
+        from ..runtime.device import is_oom
+
+        return bool(is_oom(exc))
+    except ImportError:  # runtime.device not available in this build
+        import torch
+
+        return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _oom_message(exc: BaseException, roi_size: Sequence[int], sw_batch_size: int,
+                 device: Any) -> str:
+    base = (f"out of memory on {device} with windows {tuple(roi_size)} x batch {sw_batch_size}. "
+            "Try a smaller --roi-size, --sw-batch-size 1, --precision fp16, or --device cpu.")
+    try:
+        from ..runtime.device import oom_advice
+
+        advice = oom_advice(exc)
+        if advice:
+            return f"{base} ({advice})"
+    except Exception:  # noqa: BLE001 - advice is a nicety
+        pass
+    return base
+
+
+def autocast(device: Any, precision: str):
+    """Context manager running the predictor at ``precision`` ("fp32", "fp16", "bf16")."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise MedfmError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dev_type = torch.device(device).type
+    try:
+        from ..runtime.device import autocast_context
+
+        return autocast_context(device, precision)
+    except (ImportError, TypeError):
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        return torch.autocast(device_type=dev_type, dtype=dtype)
+
+
+def scan_interval(image_size: Sequence[int], roi_size: Sequence[int],
+                  overlap: Sequence[float]) -> tuple[int, ...]:
+    """Window step per axis, as MONAI's sliding-window inferer computes it."""
+    out = []
+    for img, roi, o in zip(image_size, roi_size, overlap):
+        if roi == img:
+            out.append(int(roi))
+        else:
+            step = int(roi * (1 - o))
+            out.append(step if step > 0 else 1)
+    return tuple(out)
+
+
+def window_count(image_size: Sequence[int], roi_size: Sequence[int] | int,
+                 overlap: float | Sequence[float] = 0.25) -> int:
+    """Number of windows the inferer will run on one image (after padding small images)."""
+    from monai.data.utils import dense_patch_slices
+    from monai.utils import ensure_tuple_rep, fall_back_tuple
+
+    nd = len(image_size)
+    roi = fall_back_tuple(roi_size, image_size)
+    size = tuple(max(i, r) for i, r in zip(image_size, roi))
+    ov = ensure_tuple_rep(overlap, nd)
+    return len(dense_patch_slices(size, roi, scan_interval(size, roi, ov)))
+
+
+def sliding_window_gen(
+    inputs: Any,
+    predictor: Callable[[Any], Any],
+    roi_size: Sequence[int] | int,
+    sw_batch_size: int = 1,
+    overlap: float | Sequence[float] = 0.25,
+    mode: str = "constant",
+    sigma_scale: float | Sequence[float] = 0.125,
+    padding_mode: str = "constant",
+    cval: float = 0.0,
+    sw_device: Any = None,
+    device: Any = None,
+    precision: str = "fp32",
+    message: str = "window",
+) -> Generator[Progress, None, Any]:
+    """Sliding-window inference on ``inputs`` ``(N, C, *spatial)``; yields once per window batch.
+
+    Parameters mirror :func:`monai.inferers.sliding_window_inference`. ``device`` is where the
+    stitched output lives (default: the input's device); ``sw_device`` where windows run
+    (default: the input's device). ``precision`` runs the predictor under autocast; the
+    accumulator is always float32. Returns the stitched tensor ``(N, C_out, *spatial)`` (a
+    MetaTensor when ``inputs`` is one).
+    """
+    import torch
+    import torch.nn.functional as F
+    from monai.data.meta_tensor import MetaTensor
+    from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
+    from monai.utils import PytorchPadMode, ensure_tuple_rep, fall_back_tuple, look_up_option
+
+    nd = inputs.ndim - 2
+    if nd < 1:
+        raise ValueError(f"inputs must be (N, C, *spatial), got shape {tuple(inputs.shape)}")
+    if sw_batch_size < 1:
+        raise MedfmError(f"sw batch size must be >= 1, got {sw_batch_size}")
+    ov = ensure_tuple_rep(overlap, nd)
+    for o in ov:
+        if o < 0 or o >= 1:
+            raise MedfmError(f"overlap must be >= 0 and < 1, got {overlap}")
+    if precision not in PRECISIONS:
+        raise MedfmError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+    temp_meta = None
+    if isinstance(inputs, MetaTensor):
+        temp_meta = MetaTensor([]).copy_meta_from(inputs, copy_attr=False)
+        inputs = inputs.as_tensor()
+    compute_dtype = inputs.dtype
+    batch_size, _, *image_size_ = inputs.shape
+    device = torch.device(device) if device is not None else inputs.device
+    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+    roi = fall_back_tuple(roi_size, image_size_)
+    if len(roi) != nd:
+        raise MedfmError(f"roi size {tuple(roi)} does not match the {nd}D input")
+
+    # pad when the image is smaller than a window (same symmetric padding as MONAI)
+    image_size = tuple(max(image_size_[i], roi[i]) for i in range(nd))
+    pad_size: list[int] = []
+    for k in range(inputs.ndim - 1, 1, -1):
+        diff = max(roi[k - 2] - inputs.shape[k], 0)
+        half = diff // 2
+        pad_size.extend([half, diff - half])
+    if any(pad_size):
+        inputs = F.pad(inputs, pad=pad_size, mode=look_up_option(padding_mode, PytorchPadMode),
+                       value=cval)
+
+    interval = scan_interval(image_size, roi, ov)
+    slices = dense_patch_slices(image_size, roi, interval)
+    num_win = len(slices)
+    total_windows = num_win * batch_size
+    n_batches = (total_windows + sw_batch_size - 1) // sw_batch_size
+
+    valid = get_valid_patch_size(image_size, roi)
+    importance = compute_importance_map(tuple(valid), mode=mode, sigma_scale=sigma_scale,
+                                        device=sw_device, dtype=compute_dtype)
+    importance = importance[None, None].to(device=sw_device, dtype=compute_dtype)
+    importance_out = importance.to(device)
+
+    output = None
+    count = None
+    yield Progress(0, n_batches, f"0/{total_windows} {message}s")
+    for b, start in enumerate(range(0, total_windows, sw_batch_size)):
+        idxs = range(start, min(start + sw_batch_size, total_windows))
+        where = [(idx // num_win, slices[idx % num_win]) for idx in idxs]
+        win = torch.cat([inputs[(slice(n, n + 1), slice(None), *sl)] for n, sl in where])
+        win = win.to(sw_device)
+        try:
+            with torch.inference_mode(), autocast(sw_device, precision):
+                pred = predictor(win)
+        except (RuntimeError, MemoryError) as exc:
+            if _is_oom(exc):
+                raise OutOfMemoryError(_oom_message(exc, roi, sw_batch_size, sw_device)) from exc
+            raise
+        if not isinstance(pred, torch.Tensor):
+            raise MedfmError("the network must return one tensor per window batch, got "
+                             f"{type(pred).__name__}")
+        if tuple(pred.shape[2:]) != tuple(roi):
+            raise MedfmError(f"the network returned windows of spatial size {tuple(pred.shape[2:])}"
+                             f" for inputs of {tuple(roi)}; only same-size outputs are supported")
+        pred = pred.to(compute_dtype)
+        if output is None:
+            output = torch.zeros((batch_size, pred.shape[1], *image_size), dtype=compute_dtype,
+                                 device=device)
+            count = torch.zeros((1, 1, *image_size), dtype=compute_dtype, device=device)
+            for sl in slices:
+                count[(slice(None), slice(None), *sl)] += importance_out
+        pred = (pred * importance).to(device)
+        for p, (n, sl) in zip(pred, where):
+            output[(slice(n, n + 1), slice(None), *sl)] += p[None]
+        del pred, win
+        yield Progress(b + 1, n_batches, f"{min(start + sw_batch_size, total_windows)}/"
+                       f"{total_windows} {message}s")
+
+    output /= count
+    del count
+    if any(pad_size):
+        crop = []
+        for sp in range(nd):
+            si = nd - sp - 1
+            crop.insert(0, slice(pad_size[sp * 2], pad_size[sp * 2] + image_size_[si]))
+        output = output[(slice(None), slice(None), *crop)]
+    if temp_meta is not None:
+        out = MetaTensor(output)
+        out.copy_meta_from(temp_meta, copy_attr=False)
+        return out
+    return output
