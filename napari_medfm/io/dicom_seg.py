@@ -138,10 +138,40 @@ def _read_source(path: Path) -> Any:
         if not meta_class:
             raise WriteError(path, "source has neither SOPClassUID nor MediaStorageSOPClassUID")
         ds.SOPClassUID = meta_class  # in memory only: highdicom needs it
-    for key in ("Rows", "Columns", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
-        if key not in ds:
+    if not str(ds.get("SOPInstanceUID", "") or ""):
+        meta_uid = str(getattr(ds.get("file_meta", None), "MediaStorageSOPInstanceUID", "") or "")
+        if meta_uid:
+            ds.SOPInstanceUID = meta_uid  # same value by definition (PS3.10)
+    if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+        del ds.SpecificCharacterSet  # empty = default repertoire; highdicom rejects ''
+    for key in ("Rows", "Columns", "SOPInstanceUID"):
+        if not ds.get(key):
             raise WriteError(path, f"source DICOM lacks {key}: not an image of a series")
     return ds
+
+
+def _repair_series_uids(datasets: list[Any]) -> list[str]:
+    """Fill empty Study/Series Instance UIDs (in memory) with UIDs derived from the sources.
+
+    Some exported series (e.g. the TotalSegmentator test series) blank these UIDs; a SEG
+    must reference a series, so a deterministic UID is derived from the sources' SOP Instance
+    UIDs (the same sources always give the same UID). Returns user-facing notes.
+    """
+    from pydicom.uid import generate_uid
+
+    notes = []
+    sops = sorted(str(ds.SOPInstanceUID) for ds in datasets)
+    for key in ("StudyInstanceUID", "SeriesInstanceUID"):
+        if all(str(ds.get(key, "") or "") for ds in datasets):
+            continue
+        present = {str(ds.get(key, "") or "") for ds in datasets} - {""}
+        uid = next(iter(present)) if len(present) == 1 else generate_uid(
+            entropy_srcs=[key, *sops])
+        for ds in datasets:
+            if not str(ds.get(key, "") or ""):
+                setattr(ds, key, uid)
+        notes.append(f"source files have no {key}; the segmentation uses {uid}")
+    return notes
 
 
 def _frame_planes(ds: Any, path: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -182,7 +212,7 @@ def _check_source_grid(
     """Raise :class:`GeometryError` unless ``labels``/``geometry`` are the grid of the sources."""
     planes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     plane_file: list[Path] = []
-    for ds, f in zip(datasets, files):
+    for ds, f in zip(datasets, files, strict=True):
         fp = _frame_planes(ds, f)
         planes.extend(fp)
         plane_file.extend([f] * len(fp))
@@ -251,6 +281,8 @@ def write_dicom_seg(
     if not files:
         raise WriteError(p, "no source DICOM files given: a DICOM-SEG must reference its images")
     datasets = [_read_source(f) for f in files]
+    for note in _repair_series_uids(datasets):
+        log.warning("%s: %s", p.name, note)
     _check_source_grid(arr.shape, geometry, datasets, files)
 
     values = [int(v) for v in np.unique(arr) if v != 0]
@@ -281,25 +313,28 @@ def write_dicom_seg(
         seg_numbers = seg_numbers[0]  # single-frame source: highdicom wants (rows, cols)
 
     try:
-        seg = hd.seg.Segmentation(
-            source_images=datasets,
-            pixel_array=seg_numbers,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(),
-            series_number=int(datasets[0].get("SeriesNumber", 0) or 0) + 1000,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="napari-medfm",
-            manufacturer_model_name="napari-medfm",
-            software_versions=f"napari-medfm {__version__}",
-            device_serial_number="none",
-            series_description=series_description[:64],
-            content_label="SEGMENTATION",
-            content_description=series_description[:64],
-            omit_empty_frames=True,
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-        )
+        with warnings.catch_warnings():
+            # highdicom warns about odd patient names *quoting the name*: never let it reach logs
+            warnings.filterwarnings("ignore", message=".*person name.*")
+            seg = hd.seg.Segmentation(
+                source_images=datasets,
+                pixel_array=seg_numbers,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions,
+                series_instance_uid=hd.UID(),
+                series_number=int(datasets[0].get("SeriesNumber", 0) or 0) + 1000,
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+                manufacturer="napari-medfm",
+                manufacturer_model_name="napari-medfm",
+                software_versions=f"napari-medfm {__version__}",
+                device_serial_number="none",
+                series_description=series_description[:64],
+                content_label="SEGMENTATION",
+                content_description=series_description[:64],
+                omit_empty_frames=True,
+                transfer_syntax_uid=ExplicitVRLittleEndian,
+            )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise WriteError(p, f"highdicom rejected the segmentation: {exc}") from exc
 

@@ -8,15 +8,18 @@ those of the image the labels were drawn or predicted on.
 Label names and colours
 -----------------------
 * Every :func:`write_labels` call writes a JSON **sidecar** next to the file, named
-  ``<file name>.labels.json`` (e.g. ``liver.nii.gz.labels.json``)::
+  ``<stem>.labels.json`` where the stem is the file name without its format extension
+  (``liver.nii.gz`` -> ``liver.labels.json``, ``a.seg.nrrd`` -> ``a.labels.json``)::
 
-      {"format": "napari-medfm-labels/1",
-       "labels": {"1": {"name": "liver", "color": [220, 40, 40]}, "2": {"name": "spine"}}}
+      {"format": "napari-medfm-labels/1", "image": "liver.nii.gz",
+       "labels": [{"value": 1, "name": "liver", "color": [220, 40, 40]},
+                  {"value": 2, "name": "spine"}]}
 
   One entry per non-zero label value present in the array or named/coloured by the caller;
   ``name``/``color`` (RGB 0-255) only when known. The sidecar is always rewritten, so a
-  stale one from an earlier save never describes new labels. :func:`read_labels_sidecar`
-  reads it back (and also the ``labels_total.json`` style ``{"labels": {"1": "spleen"}}``).
+  stale one from an earlier save never describes new labels (files of one stem in one folder
+  share it). :func:`read_labels_sidecar` reads it back (and also the ``labels_total.json``
+  style ``{"labels": {"1": "spleen"}}``); :mod:`napari_medfm.io.volume` finds it by name.
 * NRRD files (``.nrrd`` and ``.seg.nrrd``) additionally carry 3D Slicer segmentation
   key/values (``SegmentN_Name``, ``SegmentN_Color`` 0-1 floats, ``SegmentN_LabelValue``,
   ``SegmentN_Layer``, ``SegmentN_Extent``), so Slicer opens a ``.seg.nrrd`` with names and
@@ -58,7 +61,7 @@ __all__ = [
 #: Extensions handled by :func:`write_labels` / :func:`write_image` (longest first).
 LABEL_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
-#: Suffix appended to the full file name to get the label-table sidecar.
+#: Suffix that replaces the format extension to name the label-table sidecar.
 SIDECAR_SUFFIX = ".labels.json"
 
 _SIDECAR_FORMAT = "napari-medfm-labels/1"
@@ -88,9 +91,14 @@ def file_format(path: str | Path) -> str:
 
 
 def sidecar_path(path: str | Path) -> Path:
-    """Path of the label-table sidecar of an image file: ``<file name>.labels.json``."""
+    """Path of the label-table sidecar of an image file: ``<stem>.labels.json``."""
     p = Path(path)
-    return p.with_name(p.name + SIDECAR_SUFFIX)
+    name = p.name
+    for ext in LABEL_EXTENSIONS:
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            name = name[: -len(ext)]
+            break
+    return p.with_name(name + SIDECAR_SUFFIX)
 
 
 def label_dtype(labels: np.ndarray) -> np.dtype:
@@ -162,8 +170,8 @@ def _label_table(
 def read_labels_sidecar(path: str | Path) -> tuple[dict[int, str], dict[int, tuple[int, int, int]]]:
     """Label names and colours from the sidecar of ``path`` (or from a sidecar path itself).
 
-    Accepts our ``{"labels": {"1": {"name", "color"}}}`` and the plain
-    ``{"labels": {"1": "spleen"}}`` / ``{"1": "spleen"}`` styles. Returns ``({}, {})`` when
+    Accepts our ``{"labels": [{"value", "name", "color"}]}`` and the
+    ``{"labels": {"1": "spleen"}}`` / ``{"1": {"name": ..., "color": ...}}`` styles. Returns ``({}, {})`` when
     there is no sidecar. Raises :class:`~napari_medfm.errors.ReadError` on malformed JSON.
     """
     from ..errors import ReadError
@@ -176,9 +184,11 @@ def read_labels_sidecar(path: str | Path) -> tuple[dict[int, str], dict[int, tup
         doc = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ReadError(side, f"label table sidecar is not valid JSON ({exc})") from exc
-    table = doc.get("labels", doc) if isinstance(doc, dict) else None
+    table = doc.get("labels", doc) if isinstance(doc, dict) else doc
+    if isinstance(table, list):
+        table = {e.get("value"): e for e in table if isinstance(e, dict)}
     if not isinstance(table, dict):
-        raise ReadError(side, "label table sidecar has no 'labels' mapping")
+        raise ReadError(side, "label table sidecar has no 'labels' table")
     names: dict[int, str] = {}
     colors: dict[int, tuple[int, int, int]] = {}
     for key, entry in table.items():
@@ -311,7 +321,7 @@ def write_labels(
     doc = {
         "format": _SIDECAR_FORMAT,
         "image": p.name,
-        "labels": {str(v): e for v, e in table.items()},
+        "labels": [{"value": v, **e} for v, e in table.items()],
     }
     _write_json_atomic(sidecar_path(p), doc)
     return p
