@@ -317,7 +317,7 @@ class HubServer:
                 self.end_headers()
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.httpd.server_port}"
 
@@ -475,3 +475,192 @@ def test_unreachable_endpoint_is_clear(tiny, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused
     with pytest.raises(WeightsError, match="interrupted.*cannot reach"):
         WeightsManager().fetch(tiny, retries=0)
+
+
+# --------------------------------------------------------------------------- safe loading
+
+
+def _net(width: int = 4, depth: int = 2):
+    import torch
+
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers)
+
+
+def test_state_dict_roundtrip_pt_and_safetensors(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from napari_medfm.runtime.safe_load import load_state_dict, load_strict
+
+    net = _net()
+    x = torch.randn(3, 4)
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    save_file(net.state_dict(), str(tmp_path / "net.safetensors"))
+    torch.save({"state_dict": net.state_dict(), "epoch": 7}, tmp_path / "wrapped.pth")
+    for name in ("net.pt", "net.safetensors", "wrapped.pth"):
+        fresh = torch.nn.Sequential(*[type(m)(*((4, 4) if isinstance(m, torch.nn.Linear) else ()))
+                                      for m in net])
+        sd = load_state_dict(tmp_path / name)
+        assert set(sd) == set(net.state_dict())
+        load_strict(fresh, sd, what=name)
+        assert torch.equal(fresh(x), net(x)), name
+
+
+def test_load_strict_lists_missing_unexpected_and_shapes(tmp_path):
+    import torch
+
+    from napari_medfm.runtime.safe_load import load_strict
+
+    model = _net(depth=8)  # 16 keys: 0.weight, 0.bias, 2.weight, ...
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    extra = {f"head.{i}.weight": torch.zeros(1) for i in range(12)}
+    sd.pop("0.weight")
+    sd["2.bias"] = torch.zeros(5)
+    sd.update(extra)
+    with pytest.raises(WeightsError) as ei:
+        load_strict(_net(depth=8), sd, what="model.pt")
+    msg = str(ei.value)
+    assert "model.pt" in msg and "Sequential" in msg
+    assert "1 missing keys: 0.weight" in msg
+    assert "12 unexpected keys: head.0.weight" in msg and "(+2 more)" in msg
+    assert "head.11.weight" not in msg  # only the first 10 are listed
+    assert "1 shape mismatches: 2.bias (5,) (model (4,))" in msg
+    # a clean dict loads
+    load_strict(_net(depth=8), model.state_dict())
+
+
+class _Evil:
+    """A pickle whose reduce would run code: creates a marker folder when unpickled."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_weights_only_refuses_code_in_pickles(tmp_path):
+    import torch
+
+    from napari_medfm.runtime.safe_load import load_checkpoint_tensors, load_state_dict
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "payload": _Evil(str(marker))}, evil)
+    with pytest.raises(WeightsError, match=r"refused to load evil\.pt.*posix\.mkdir|refused to load evil\.pt.*mkdir"):
+        load_state_dict(evil)
+    with pytest.raises(WeightsError, match="refused to load evil.pt"):
+        load_checkpoint_tensors(evil, allow=("argparse.Namespace",))
+    assert not marker.exists()
+    # and the classic os.getcwd gadget
+    class _Cwd:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    torch.save([_Cwd()], tmp_path / "cwd.pt")
+    with pytest.raises(WeightsError, match="never runs arbitrary pickled code.*could run code"):
+        load_state_dict(tmp_path / "cwd.pt")
+
+
+def _training_checkpoint(path: Path):
+    import argparse
+
+    import torch
+
+    teacher = _net().state_dict()
+    ckpt = {
+        "args": argparse.Namespace(arch="vit_base", lr=5e-5, out=Path("/tmp/run")),
+        "epoch": 99,
+        "student": {f"module.backbone.{k}": v + 1 for k, v in teacher.items()},
+        "teacher": {f"module.backbone.{k}": v for k, v in teacher.items()}
+        | {"module.head.w": torch.ones(3)},
+        "optimizer": {"state": {0: {"exp_avg": torch.zeros(4)}},
+                      "param_groups": [{"lr": 0.1, "params": [0]}]},
+        "fp16_scaler": {"scale": 65536.0, "_growth_tracker": 3},
+    }
+    torch.save(ckpt, path)
+    return teacher
+
+
+def test_namespace_checkpoint_tensors_with_allow_list(tmp_path):
+    import torch
+
+    from napari_medfm.runtime.safe_load import (
+        extract_prefix,
+        load_checkpoint_tensors,
+        load_state_dict,
+        load_strict,
+    )
+
+    path = tmp_path / "MerMED.pth"
+    teacher = _training_checkpoint(path)
+    # without the allow-list the Namespace is refused, with a message naming what it needs
+    with pytest.raises(WeightsError, match=r"needs argparse\.Namespace.*--allow argparse\.Namespace"):
+        load_state_dict(path)
+    ckpt = load_checkpoint_tensors(path, allow=("argparse.Namespace", "pathlib.PosixPath"))
+    assert set(ckpt) == {"student", "teacher", "optimizer"}  # args/epoch/scaler dropped
+    assert torch.equal(ckpt["optimizer"]["state"][0]["exp_avg"], torch.zeros(4))
+    backbone = extract_prefix(ckpt["teacher"], "module.backbone")
+    assert set(backbone) == set(teacher)
+    net = load_strict(_net(), backbone, what="MerMED.pth")
+    assert all(torch.equal(net.state_dict()[k], teacher[k]) for k in teacher)
+    with pytest.raises(WeightsError, match="no weights under 'backbone.'.*module"):
+        extract_prefix(ckpt["teacher"], "backbone.")
+    # a class outside the allow-list is still refused
+    with pytest.raises(WeightsError, match="pathlib"):
+        load_checkpoint_tensors(path, allow=("argparse.Namespace",))
+
+
+def test_convert_to_safetensors_atomic(tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    from napari_medfm.runtime.safe_load import convert_to_safetensors, load_state_dict
+
+    src = tmp_path / "MerMED.pth"
+    teacher = _training_checkpoint(src)
+    dst = tmp_path / "out" / "model.safetensors"
+    convert_to_safetensors(src, dst, prefix="teacher.module.backbone.",
+                           allow=("argparse.Namespace", "pathlib.PosixPath"),
+                           dtype=torch.bfloat16)
+    sd = load_state_dict(dst)
+    assert set(sd) == set(teacher)
+    assert all(sd[k].dtype == torch.bfloat16 for k in sd)
+    assert torch.equal(sd["0.weight"], teacher["0.weight"].to(torch.bfloat16))
+    with safe_open(str(dst), "pt") as fh:
+        assert fh.metadata()["source"] == "MerMED.pth"
+    assert [p.name for p in dst.parent.iterdir()] == ["model.safetensors"]
+    # tied weights (shared storage) and views are stored as independent tensors
+    w = torch.randn(4, 4)
+    torch.save({"a": w, "b": w, "c": w[1:3]}, tmp_path / "tied.pt")
+    out = convert_to_safetensors(tmp_path / "tied.pt", tmp_path / "tied.safetensors")
+    sd = load_state_dict(out)
+    assert torch.equal(sd["a"], sd["b"]) and torch.equal(sd["c"], w[1:3])
+    # failure leaves nothing behind
+    bad = tmp_path / "bad.safetensors"
+    with pytest.raises(WeightsError):
+        convert_to_safetensors(src, bad, prefix="nothing.here.",
+                               allow=("argparse.Namespace", "pathlib.PosixPath"))
+    assert not bad.exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    import torch
+
+    from napari_medfm.runtime.safe_load import load_state_dict
+
+    p = tmp_path / "net.pt"
+    torch.save(_net().state_dict(), p)
+    p.write_bytes(p.read_bytes()[:200])
+    with pytest.raises(WeightsError, match=r"cannot read checkpoint net\.pt"):
+        load_state_dict(p)
+    s = tmp_path / "net.safetensors"
+    s.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad}")
+    with pytest.raises(WeightsError, match=r"net\.safetensors"):
+        load_state_dict(s)
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_state_dict(tmp_path / "absent.pt")

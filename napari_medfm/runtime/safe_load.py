@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 #: Globals allowed by default in training checkpoints (plain data containers, no code).
 DEFAULT_ALLOW: tuple[str, ...] = ("argparse.Namespace",)
 
+#: Modules whose classes are plain data (suggested for the allow-list in error messages).
+_PLAIN_DATA_MODULES = ("argparse.", "pathlib.", "collections.", "numpy.", "datetime.",
+                       "fractions.", "decimal.")
+
 #: Keys under which checkpoints commonly nest their state dict.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "weights")
 
@@ -84,12 +88,19 @@ def _refused(path: Path, exc: BaseException, allow: Iterable[str] = ()) -> Weigh
         needed = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
                   if g not in set(allow)]
     what = f" it needs {', '.join(needed[:10])}" if needed else f" {exc}"
+    if needed and all(n.startswith(_PLAIN_DATA_MODULES) for n in needed):
+        hint = (" These are plain-data classes: if you trust the file, load its tensors with "
+                f"load_checkpoint_tensors(path, allow={tuple(needed)!r}) or convert it once with "
+                f"`medfm weights convert {path.name} OUT.safetensors "
+                + " ".join(f"--allow {n}" for n in needed) + "`.")
+    else:
+        hint = (" Those are not plain data (they could run code when unpickled): do not load "
+                "this file unless you know where it comes from; ask its publisher for a "
+                "safetensors or weights-only release.")
     return WeightsError(
         f"refused to load {path.name}: the file pickles Python objects that are not plain "
         f"tensors/containers;{what}. napari-medfm never runs arbitrary pickled code "
-        "(torch.load weights_only=True). If this is a training checkpoint you trust, load it "
-        "with load_checkpoint_tensors(path, allow=(...)) naming only plain-data classes, or "
-        "convert it to safetensors once.")
+        "(torch.load weights_only=True)." + hint)
 
 
 def _check_exists(path: Path) -> None:
