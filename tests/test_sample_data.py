@@ -175,6 +175,13 @@ def test_open_sample_in_real_viewer(make_napari_viewer):
     ct, lab = kinds["Image"], kinds["Labels"]
     np.testing.assert_allclose(ct.data_to_world((0, 0, 0)), lab.data_to_world((0, 0, 0)))
     np.testing.assert_allclose(ct.data_to_world((95, 159, 159)), [118.75, 119.25, 119.25])
+    # label colours and names from the label tables
+    liver_rgb = np.array(PHANTOM_LABELS[1][1]) / 255.0
+    np.testing.assert_allclose(lab.colormap.map(np.array([1]))[0, :3], liver_rgb, atol=1e-6)
+    assert lab.colormap.map(np.array([0]))[0, 3] == 0  # background transparent
+    z, y, x = np.argwhere(lab.data == 1)[0]
+    status = lab.get_status(lab.data_to_world((z, y, x)), world=True)
+    assert "liver" in status["value"]
 
 
 def test_downloaded_sample_reads_through_our_readers(monkeypatch):

@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..sample_data import load_sample
+from .reader import layer_tuple
 
 LayerDataTuple = tuple[Any, dict[str, Any], str]
 
 
 def _layers(key: str) -> list[LayerDataTuple]:
-    return [img.layer_data() for img in load_sample(key)]
+    return [layer_tuple(img) for img in load_sample(key)]
 
 
 def phantom_ct() -> list[LayerDataTuple]:
