@@ -663,6 +663,11 @@ def iter_read(path: str | os.PathLike[str], *, series_uid: str | None = None,
         names = ", ".join(f.name for f, _ in scan.unreadable[:10])
         more = " ..." if len(scan.unreadable) > 10 else ""
         common.append(f"{len(scan.unreadable)} file(s) skipped, not readable as DICOM: {names}{more}")
+    no_pixels = [f for f, why in skipped if why.startswith("no pixel data")]
+    if no_pixels and not single:
+        names = ", ".join(f.name for f in no_pixels[:10])
+        common.append(f"{len(no_pixels)} file(s) without image data skipped: {names}"
+                      + (" ..." if len(no_pixels) > 10 else ""))
     # several stacks of one series get distinct names
     counts: dict[str, int] = {}
     for g in groups:
@@ -670,7 +675,7 @@ def iter_read(path: str | os.PathLike[str], *, series_uid: str | None = None,
     seen: dict[str, int] = {}
     for g in groups:
         try:
-            img = yield from _assemble(g, p)
+            img = yield from _assemble_tolerant(g, p, p if single else None)
         except MedfmError as exc:
             if single and len(groups) == 1:
                 raise
@@ -703,6 +708,34 @@ def iter_read(path: str | os.PathLike[str], *, series_uid: str | None = None,
         log.warning("%s: %s", p.name, w)
     images.sort(key=lambda im: (im.metadata.get("series_number") is None, im.metadata.get("series_number") or 0, im.name))
     return images
+
+
+def _assemble_tolerant(group: _Group, source: Path,
+                       must_have: Path | None) -> Generator[Progress, None, MedicalImage]:
+    """Assemble a group; a slice whose pixels cannot be decoded is dropped (with a warning)
+    and the rest re-assembled, unless it is ``must_have`` or most of the series is bad."""
+    dropped: list[str] = []
+    planes = list(group.planes)
+    while True:
+        try:
+            img = yield from _assemble(
+                _Group(planes, group.series_uid, group.multiframe, list(group.warnings)), source
+            )
+        except ReadError as exc:
+            bad = exc.path
+            if (group.multiframe or bad is None or bad == must_have
+                    or not any(pl.path == bad for pl in planes)
+                    or len(dropped) + 1 > len(group.planes) // 2):
+                raise
+            planes = [pl for pl in planes if pl.path != bad]
+            dropped.append(f"{bad.name} ({exc.cause})")
+            continue
+        if dropped:
+            img.metadata["warnings"].insert(
+                0, f"{len(dropped)} slice(s) skipped, pixel data unreadable: " + "; ".join(dropped)
+            )
+            log.warning("%s: %s", source.name, img.metadata["warnings"][0])
+        return img
 
 
 def _read_seg(path: Path, ds: Any, images: list[MedicalImage]) -> MedicalImage:
