@@ -19,69 +19,31 @@ torch and MONAI are imported on call, not at import time.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from ..errors import MedfmError
 from .progress import Progress
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 class OutOfMemoryError(MedfmError):
     """A window batch did not fit in the device's memory (message holds the advice)."""
 
 
-def _is_oom(exc: BaseException) -> bool:
-    try:
-        from ..runtime.device import is_oom
+def _oom_message(roi_size: Sequence[int], sw_batch_size: int, device: Any) -> str:
+    from ..runtime.device import oom_advice
 
-        return bool(is_oom(exc))
-    except ImportError:  # runtime.device not available in this build
-        import torch
-
-        return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _oom_message(exc: BaseException, roi_size: Sequence[int], sw_batch_size: int,
-                 device: Any) -> str:
-    base = (f"out of memory on {device} with windows {tuple(roi_size)} x batch {sw_batch_size}. "
-            "Try a smaller --roi-size, --sw-batch-size 1, --precision fp16, or --device cpu.")
-    try:
-        from ..runtime.device import oom_advice
-
-        advice = oom_advice(exc)
-        if advice:
-            return f"{base} ({advice})"
-    except Exception:  # noqa: BLE001 - advice is a nicety
-        pass
-    return base
-
-
-def autocast(device: Any, precision: str):
-    """Context manager running the predictor at ``precision`` ("fp32", "fp16", "bf16")."""
-    import torch
-
-    if precision not in PRECISIONS:
-        raise MedfmError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dev_type = torch.device(device).type
-    try:
-        from ..runtime.device import autocast_context
-
-        return autocast_context(device, precision)
-    except (ImportError, TypeError):
-        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-        return torch.autocast(device_type=dev_type, dtype=dtype)
+    return (f"{oom_advice(device, what=f'windows of {tuple(roi_size)} x batch {sw_batch_size}')} "
+            "(CLI: --roi-size, --sw-batch-size 1, --precision fp16/bf16, --device cpu)")
 
 
 def scan_interval(image_size: Sequence[int], roi_size: Sequence[int],
                   overlap: Sequence[float]) -> tuple[int, ...]:
     """Window step per axis, as MONAI's sliding-window inferer computes it."""
     out = []
-    for img, roi, o in zip(image_size, roi_size, overlap):
+    for img, roi, o in zip(image_size, roi_size, overlap, strict=True):
         if roi == img:
             out.append(int(roi))
         else:
@@ -98,7 +60,7 @@ def window_count(image_size: Sequence[int], roi_size: Sequence[int] | int,
 
     nd = len(image_size)
     roi = fall_back_tuple(roi_size, image_size)
-    size = tuple(max(i, r) for i, r in zip(image_size, roi))
+    size = tuple(max(i, r) for i, r in zip(image_size, roi, strict=True))
     ov = ensure_tuple_rep(overlap, nd)
     return len(dense_patch_slices(size, roi, scan_interval(size, roi, ov)))
 
@@ -131,6 +93,8 @@ def sliding_window_gen(
     from monai.data.meta_tensor import MetaTensor
     from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
     from monai.utils import PytorchPadMode, ensure_tuple_rep, fall_back_tuple, look_up_option
+
+    from ..runtime.device import autocast_context, is_oom
 
     nd = inputs.ndim - 2
     if nd < 1:
@@ -188,11 +152,11 @@ def sliding_window_gen(
         win = torch.cat([inputs[(slice(n, n + 1), slice(None), *sl)] for n, sl in where])
         win = win.to(sw_device)
         try:
-            with torch.inference_mode(), autocast(sw_device, precision):
+            with torch.inference_mode(), autocast_context(sw_device, precision):
                 pred = predictor(win)
         except (RuntimeError, MemoryError) as exc:
-            if _is_oom(exc):
-                raise OutOfMemoryError(_oom_message(exc, roi, sw_batch_size, sw_device)) from exc
+            if is_oom(exc):
+                raise OutOfMemoryError(_oom_message(roi, sw_batch_size, sw_device)) from exc
             raise
         if not isinstance(pred, torch.Tensor):
             raise MedfmError("the network must return one tensor per window batch, got "
@@ -208,7 +172,7 @@ def sliding_window_gen(
             for sl in slices:
                 count[(slice(None), slice(None), *sl)] += importance_out
         pred = (pred * importance).to(device)
-        for p, (n, sl) in zip(pred, where):
+        for p, (n, sl) in zip(pred, where, strict=True):
             output[(slice(n, n + 1), slice(None), *sl)] += p[None]
         del pred, win
         yield Progress(b + 1, n_batches, f"{min(start + sw_batch_size, total_windows)}/"

@@ -38,11 +38,14 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ...geometry import Geometry
+from ...io.types import MedicalImage
 from ...tasks.progress import Progress
+from ...tasks.segment import Segmenter, SegmentSettings, check_ct
 
 LABEL_NAMES: dict[int, str] = {1: "body", 2: "lungs", 3: "bone", 4: "fat", 5: "air"}
 LABEL_COLORS: dict[int, list[int]] = {
@@ -260,3 +263,29 @@ def segment_hu(hu: np.ndarray, geometry: Geometry,
     labels[lungs] = 2
     yield Progress(total, total, "done")
     return labels
+
+
+class HUBasicSegmenter(Segmenter):
+    """The ``hu-basic`` model object (:class:`~napari_medfm.tasks.segment.Segmenter`)."""
+
+    model_id = "hu-basic"
+    weights_sha256 = None
+    device_name = "cpu"
+
+    def __init__(self, params: HUParams | None = None):
+        self.params = params or HUParams()
+        self.label_names = dict(LABEL_NAMES)
+        self.label_colors = {k: list(v) for k, v in LABEL_COLORS.items()}
+
+    def check_input(self, image: MedicalImage) -> None:
+        super().check_input(image)
+        check_ct(image, self.model_id)
+
+    def run(self, image: MedicalImage,
+            settings: SegmentSettings) -> Generator[Progress, None, np.ndarray]:
+        return (yield from segment_hu(np.asarray(image.data), image.geometry, self.params))
+
+
+def build(spec: Any, weights: Any = None, device: Any = None, **kw: Any) -> HUBasicSegmenter:
+    """Registry builder: ``hu-basic`` needs no weights and runs on the CPU."""
+    return HUBasicSegmenter(HUParams(**kw) if kw else None)
