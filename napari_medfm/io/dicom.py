@@ -644,7 +644,8 @@ def iter_read(path: str | os.PathLike[str], *, series_uid: str | None = None,
             raise UnsupportedFormatError(f"{p.name}: DICOM whole-slide microscopy; open it with the slide reader")
         if series_uid is None:
             series_uid = uid
-        if not series_only:
+        if not series_only or int(ds_p.get("NumberOfFrames", 1) or 1) > 1:
+            # one multi-frame file is a complete image object: never mix in its siblings
             groups = [g for g in groups if any(pl.path == p for pl in g.planes)]
         segs = [(f, ds) for f, ds in segs if f == p] if (sop == SEG_SOP_CLASS) else []
         if not groups and not segs:
