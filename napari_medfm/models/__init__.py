@@ -1,0 +1,1 @@
+"""Model families. Each sub-package declares its specs in a torch-free ``spec`` module."""
