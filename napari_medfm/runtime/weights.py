@@ -286,10 +286,26 @@ class WeightsManager:
                     log.info("%s: %s is not a released file name; not hash-verified",
                              spec.id, exp.name)
                 return exp
+            snap = _hf_snapshot(exp, spec.revision)  # a Hugging Face cache folder of the repo
+            if snap is not None and not self._has_files(spec, exp, target):
+                exp = snap
             return self._resolve_in_folder(spec, exp, target, verify, explicit=True)
 
         folder = self.model_dir(spec)
+        if not self._has_files(spec, folder, target) and spec.repo_id:
+            # already in the Hugging Face cache (e.g. fetched by transformers)? use it offline
+            snap = _hf_snapshot(_hf_cache_dir() / _hf_repo_folder(spec.repo_id), spec.revision)
+            if snap is not None and self._has_files(spec, snap, target):
+                log.info("%s: using the Hugging Face cache copy in %s", spec.id, snap)
+                return self._resolve_in_folder(spec, snap, target, verify, explicit=True)
         return self._resolve_in_folder(spec, folder, target, verify, explicit=False)
+
+    @staticmethod
+    def _has_files(spec: ModelSpec, folder: Path, target: WeightFile | None) -> bool:
+        wanted = [target] if target is not None else list(spec.required_files)
+        if not wanted:
+            return folder.is_dir()
+        return all((folder / wf.filename).is_file() for wf in wanted)
 
     def _resolve_in_folder(self, spec: ModelSpec, folder: Path, target: WeightFile | None,
                            verify: bool, explicit: bool) -> Path:
@@ -300,8 +316,6 @@ class WeightsManager:
             partial = [m for m in missing if (folder / (m + _PART_SUFFIX)).exists()]
             extra = (f" An interrupted download is there ({', '.join(partial)}): "
                      f"`medfm weights fetch {spec.id}` resumes it." if partial else "")
-            if not spec.files and folder.is_dir():
-                return folder
             raise WeightsError(
                 f"weights for {spec.id} not found: {_cut(missing)} missing in {where}.{extra} "
                 + how_to_get(spec, self.root))
@@ -557,7 +571,7 @@ class WeightsManager:
         while True:
             try:
                 digest, server_sha = yield from _stream_to_part(requests, url, part, headers,
-                                                                wf.size, spec)
+                                                                wf.size, spec, wf.sha256)
             except _Transient as exc:
                 attempt += 1
                 if attempt > retries:
@@ -605,6 +619,35 @@ def _part_size(dest: Path) -> int:
         return 0
 
 
+def _hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time."""
+    env = os.environ.get("HF_HUB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    home = os.environ.get("HF_HOME")
+    base = Path(home).expanduser() if home else Path.home() / ".cache" / "huggingface"
+    return base / "hub"
+
+
+def _hf_repo_folder(repo_id: str) -> str:
+    return "models--" + repo_id.replace("/", "--")
+
+
+def _hf_snapshot(folder: Path, revision: str | None) -> Path | None:
+    """``folder/snapshots/<commit>`` of a Hugging Face cache repo folder, if it is one."""
+    snaps = folder / "snapshots"
+    if not snaps.is_dir():
+        return None
+    rev = revision or "main"
+    ref = folder / "refs" / rev
+    commit = ref.read_text().strip() if ref.is_file() else rev
+    cand = snaps / commit
+    if cand.is_dir():
+        return cand
+    only = [p for p in snaps.iterdir() if p.is_dir()]
+    return only[0] if len(only) == 1 and revision is None else None
+
+
 def _hf_token() -> str | None:
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     if token:
@@ -618,7 +661,7 @@ def _hf_token() -> str | None:
 
 
 def _stream_to_part(requests: Any, url: str, part: Path, headers: dict[str, str],
-                    expected_size: int | None, spec: ModelSpec,
+                    expected_size: int | None, spec: ModelSpec, pinned: str | None = None,
                     ) -> Generator[tuple[int, int | None], None, tuple[str, str | None]]:
     """GET ``url`` appending to ``part`` (resuming with Range); returns (sha256, server sha256)."""
     have = part.stat().st_size if part.exists() else 0
@@ -656,6 +699,12 @@ def _stream_to_part(requests: Any, url: str, part: Path, headers: dict[str, str]
         if code == 404:
             raise WeightsError(f"{url} was not found (HTTP 404): check the repository, revision "
                                "and file name (or HF_ENDPOINT).")
+        if pinned and server_sha and server_sha != pinned.lower():
+            raise WeightsError(
+                f"hf.co/{spec.repo_id} (revision {spec.revision or 'main'}) now serves a different "
+                f"{url.rsplit('/', 1)[-1]} (sha256 {server_sha}) than the pinned release "
+                f"({pinned.lower()}); nothing was downloaded. Import the released file with "
+                f"`medfm weights import {spec.id} PATH`, or update the pinned revision/hash.")
         if code == 416 and have:  # nothing left to send: the .part is complete (or stale)
             return h.hexdigest(), server_sha
         if code >= 500 or code == 429:
