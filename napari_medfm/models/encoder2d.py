@@ -1,0 +1,202 @@
+"""Shared 2D preprocessing for the 2D encoders (MerMED-FM, RAD-DINO, DINOv2).
+
+Pipeline (numpy in, ``float32 (3, S, S)`` out; torch only for the resize):
+
+1. **Pick a 2D plane.** 2D images pass through. Whole-slide (multiscale) images use the
+   smallest pyramid level whose short side is still >= ``size`` (a thumbnail of the slide).
+   Volumes are refused with :class:`~napari_medfm.errors.WrongModalityError` unless the caller
+   selects a slice explicitly (``slice_index=int`` along numpy axis 0, or ``"middle"``).
+2. **Intensities to [0, 1].** CT (``modality`` CT, or ``metadata['units'] == 'HU'``) is
+   windowed in Hounsfield units (default window centre 40 / width 400, soft tissue; pass
+   ``ct_window=(c, w)`` to change it) then clipped to [0, 1]. 8-bit data are divided by 255.
+   Anything else (12/16-bit radiographs, float data) is scaled between its 0.5 and 99.5
+   percentiles (robust to burnt-in text and collimator edges).
+3. **Channels.** Grey -> replicated to 3 channels; RGBA -> alpha dropped.
+4. **Geometry.** Short side resized to ``size`` (antialiased bilinear), then centre crop
+   ``size`` x ``size`` (the usual evaluation transform of DINO-style encoders).
+5. **Normalisation** with the per-modality mean/std of MerMED-FM (see :data:`MODALITY_NORMS`)
+   or the caller's own mean/std (RAD-DINO / DINOv2 use their processor's values).
+
+Modalities are canonicalised from DICOM codes (CR/DX -> CXR, OP -> fundus, SM -> pathology,
+US -> ultrasound, OPT/OCT -> OCT, XC -> dermatology). Unknown modalities (``OT``, plain PNG
+files) use the ImageNet statistics unless the caller names the modality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import WrongModalityError
+
+#: MerMED-FM per-modality (mean, std), channel order RGB.
+MODALITY_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "fundus": ((0.3378, 0.2133, 0.1329), (0.2964, 0.1900, 0.1393)),
+    "OCT": ((0.1983,) * 3, (0.2217,) * 3),
+    "CXR": ((0.5076,) * 3, (0.3122,) * 3),
+    "pathology": ((0.7214, 0.6050, 0.7054), (0.2486, 0.2714, 0.2457)),
+    "CT": ((0.3301,) * 3, (0.3252,) * 3),
+    "ultrasound": ((0.1469,) * 3, (0.1806,) * 3),
+    "dermatology": ((0.6614, 0.5189, 0.4714), (0.2396, 0.2199, 0.2286)),
+}
+
+#: Fallback statistics for images of unknown modality.
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+#: Default CT window (centre, width) in HU for 2D CT slices.
+DEFAULT_CT_WINDOW = (40.0, 400.0)
+
+_ALIASES = {
+    "cr": "CXR", "dx": "CXR", "cxr": "CXR", "chest": "CXR", "xray": "CXR", "x-ray": "CXR",
+    "op": "fundus", "fundus": "fundus", "cfp": "fundus",
+    "sm": "pathology", "pathology": "pathology", "wsi": "pathology", "histology": "pathology",
+    "ct": "CT",
+    "us": "ultrasound", "ultrasound": "ultrasound",
+    "opt": "OCT", "oct": "OCT",
+    "xc": "dermatology", "dermatology": "dermatology", "derm": "dermatology",
+}
+
+
+def canonical_modality(modality: str | None) -> str | None:
+    """Map a DICOM code or a free-form name to a key of :data:`MODALITY_NORMS` (or None)."""
+    if not modality:
+        return None
+    return _ALIASES.get(str(modality).strip().lower())
+
+
+def norm_for(modality: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for a modality; ImageNet statistics when unknown."""
+    key = canonical_modality(modality)
+    return MODALITY_NORMS.get(key, IMAGENET_NORM) if key else IMAGENET_NORM
+
+
+def _is_ct(image: Any, modality: str | None) -> bool:
+    if canonical_modality(modality) == "CT":
+        return True
+    md = getattr(image, "metadata", None) or {}
+    return md.get("units") == "HU"
+
+
+def select_plane(image: Any, size: int = 224, slice_index: int | str | None = None) -> np.ndarray:
+    """The 2D pixel array (``(y, x)`` or ``(y, x, c)``) an encoder sees for ``image``.
+
+    ``image`` is a :class:`~napari_medfm.io.types.MedicalImage`.
+    """
+    if getattr(image, "multiscale", False):
+        levels = list(image.data)
+        chosen = levels[0]
+        for lvl in levels:  # full resolution first, smaller after
+            sh = lvl.shape[:2]
+            if min(sh) >= size:
+                chosen = lvl
+        return np.asarray(chosen)
+    arr = np.asarray(image.data)
+    spatial = arr.ndim - (1 if getattr(image, "rgb", False) else 0)
+    if spatial == 2:
+        return arr
+    if spatial != 3:
+        raise WrongModalityError(f"{image.name}: expected a 2D image, got shape {arr.shape}")
+    if slice_index is None:
+        raise WrongModalityError(
+            f"{image.name}: this is a 3D {image.modality} volume of shape {arr.shape}; 2D encoders "
+            "take one slice at a time - choose a slice (slice_index=N or 'middle', CLI --slice)"
+        )
+    n = arr.shape[0]
+    k = n // 2 if slice_index == "middle" else int(slice_index)
+    if not -n <= k < n:
+        raise WrongModalityError(f"{image.name}: slice {k} out of range (volume has {n} slices)")
+    return arr[k]
+
+
+def to_unit(plane: np.ndarray, *, ct: bool = False,
+            ct_window: tuple[float, float] = DEFAULT_CT_WINDOW) -> np.ndarray:
+    """Intensities of one plane to float32 in [0, 1] (see the module docstring), shape kept."""
+    a = np.asarray(plane)
+    if a.ndim == 3 and a.shape[-1] == 4:
+        a = a[..., :3]
+    if ct:
+        c, w = ct_window
+        lo = c - w / 2.0
+        return np.clip((a.astype(np.float32) - lo) / float(w), 0.0, 1.0)
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    f = a.astype(np.float32)
+    finite = np.isfinite(f)
+    if not finite.all():
+        f = np.where(finite, f, 0.0)
+    lo, hi = np.percentile(f, [0.5, 99.5])
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((f - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def to_rgb_chw(unit: np.ndarray) -> np.ndarray:
+    """(y, x) or (y, x, c) in [0, 1] -> (3, y, x) float32 (grey replicated)."""
+    if unit.ndim == 2:
+        return np.repeat(unit[None], 3, axis=0).astype(np.float32, copy=False)
+    if unit.ndim == 3:
+        c = unit.shape[-1]
+        if c == 1:
+            return np.repeat(unit[..., 0][None], 3, axis=0)
+        if c >= 3:
+            return np.ascontiguousarray(np.moveaxis(unit[..., :3], -1, 0), dtype=np.float32)
+        if c == 2:  # grey + alpha
+            return np.repeat(unit[..., 0][None], 3, axis=0)
+    raise ValueError(f"cannot make a 3-channel image from shape {unit.shape}")
+
+
+def resize_center_crop(chw: np.ndarray, size: int, crop: int | None = None) -> np.ndarray:
+    """Short side to ``size`` (antialiased bilinear), then centre crop ``crop`` (default ``size``)."""
+    import torch
+    import torch.nn.functional as F
+
+    crop = size if crop is None else crop
+    _, h, w = chw.shape
+    scale = size / min(h, w)
+    nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
+    t = torch.from_numpy(np.ascontiguousarray(chw))[None]
+    if (nh, nw) != (h, w):
+        t = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=(scale < 1),
+                          align_corners=False)
+    top, left = (nh - crop) // 2, (nw - crop) // 2
+    return t[0, :, top:top + crop, left:left + crop].clamp_(0, 1).numpy()
+
+
+def preprocess(
+    image: Any,
+    *,
+    size: int = 224,
+    modality: str | None = None,
+    slice_index: int | str | None = None,
+    ct_window: tuple[float, float] = DEFAULT_CT_WINDOW,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> np.ndarray:
+    """A :class:`MedicalImage` -> normalised ``float32 (3, size, size)`` network input.
+
+    ``modality`` overrides ``image.modality`` (used to pick the CT path and the mean/std).
+    """
+    mod = modality or getattr(image, "modality", None)
+    plane = select_plane(image, size=size, slice_index=slice_index)
+    unit = to_unit(plane, ct=_is_ct(image, mod), ct_window=ct_window)
+    chw = resize_center_crop(to_rgb_chw(unit), size)
+    if mean is None or std is None:
+        mean, std = norm_for(mod)
+    m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    return ((chw - m) / s).astype(np.float32)
+
+
+def unit_rgb_uint8(image: Any, *, size: int = 224, modality: str | None = None,
+                   slice_index: int | str | None = None,
+                   ct_window: tuple[float, float] = DEFAULT_CT_WINDOW) -> np.ndarray:
+    """The selected plane as ``uint8 (y, x, 3)`` after windowing (for image processors/thumbnails)."""
+    mod = modality or getattr(image, "modality", None)
+    plane = select_plane(image, size=size, slice_index=slice_index)
+    unit = to_unit(plane, ct=_is_ct(image, mod), ct_window=ct_window)
+    rgb = np.moveaxis(to_rgb_chw(unit), 0, -1)
+    return np.round(rgb * 255.0).astype(np.uint8)
