@@ -60,8 +60,8 @@ class SegmentSettings:
     """User-tunable inference settings (ignored by models they do not apply to)."""
 
     roi_size: tuple[int, ...] | None = None  # None: the model's own default
-    overlap: float = 0.25
-    sw_batch_size: int = 1
+    overlap: float | None = None  # None: the model's default (0.25 unless a bundle says)
+    sw_batch_size: int | None = None  # None: the model's default (1 unless a bundle says)
     device: str | None = None  # None/"auto": cuda > mps > cpu
     precision: str = "fp32"  # fp32 | fp16 | bf16 | auto
 
@@ -205,8 +205,7 @@ def segment(image: MedicalImage, model: Segmenter | str,
     top = int(labels.max()) if labels.size else 0
     labels = labels.astype(np.uint8 if top < 256 else np.uint16, copy=False)
     settings_d = settings.to_dict()
-    if seg.uses_windows and not settings.roi_size and seg.default_roi:
-        settings_d["roi_size"] = list(seg.default_roi)
+    settings_d.update(getattr(seg, "effective", {}) or {})  # what the model actually used
     settings_d["device"] = getattr(seg, "device_name", None) or settings.device or "cpu"
     colors = default_colors(seg.label_names)
     colors.update({int(k): list(v) for k, v in seg.label_colors.items()})
@@ -465,10 +464,12 @@ class NetworkSegmenter(Segmenter):
         grid = geometry_of_metatensor(x)
         inp = x.as_tensor()[None].float()
         roi = settings.roi_size or self.default_roi
-        total = batches(inp.shape[2:], roi, settings.overlap, settings.sw_batch_size) + 2
-        gen = sliding_window_gen(inp, self.network, roi, settings.sw_batch_size,
-                                 settings.overlap, mode="gaussian", sw_device=device,
-                                 device="cpu", precision=settings.precision)
+        overlap = 0.25 if settings.overlap is None else settings.overlap
+        bs = settings.sw_batch_size or 1
+        self.effective = {"roi_size": list(roi), "overlap": overlap, "sw_batch_size": bs}
+        total = batches(inp.shape[2:], roi, overlap, bs) + 2
+        gen = sliding_window_gen(inp, self.network, roi, bs, overlap, mode="gaussian",
+                                 sw_device=device, device="cpu", precision=settings.precision)
         logits = yield from relay(gen, total)
         yield Progress(total - 1, total, "postprocessing")
         pred = torch.argmax(logits[0], dim=0).numpy().astype(np.uint16)
