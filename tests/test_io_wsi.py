@@ -1,0 +1,252 @@
+"""Whole-slide reader against the real corpus: lazy pyramids, exact pixels, pixel size."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from napari_medfm.errors import ReadError
+from napari_medfm.io import wsi
+from tests.conftest import real_path
+
+SLIDES = [
+    "pathology/wsi/CMU-1-Small-Region.svs",
+    "pathology/wsi/TCGA-CR-7395-01A-01-TS1_small.svs",
+    "pathology/wsi/OS-1-detail.ome.tif",
+    "pathology/wsi/OS-2-ndpi_Ki67.ome.tif",
+    "pathology/wsi/TCGA-XK-AAJU_small_dicom_wsi.dcm",
+]
+SVS = SLIDES[:2]
+DICOM_WSI = SLIDES[4]
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom")
+
+
+@pytest.mark.parametrize("rel", SLIDES)
+def test_every_slide_opens_lazily_as_a_pyramid(rel):
+    path = real_path(rel)
+    assert wsi.can_read(path)
+    (img,) = wsi.read(path)
+    assert img.kind == "wsi" and img.multiscale and img.rgb and img.modality == "SM"
+    assert len(img.data) >= 2
+    for level in img.data:
+        assert isinstance(level, da.Array), type(level)
+        assert not isinstance(level, np.ndarray)
+        assert level.dtype == np.uint8 and level.ndim == 3 and level.shape[-1] == 3
+    heights = [lv.shape[0] for lv in img.data]
+    widths = [lv.shape[1] for lv in img.data]
+    assert heights == sorted(heights, reverse=True) and len(set(heights)) == len(heights)
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) == len(widths)
+    assert max(img.data[-1].shape[:2]) <= wsi.DEFAULT_MIN_LEVEL_SIZE
+    md = img.metadata
+    assert md["level_shapes"] == [list(lv.shape) for lv in img.data]
+    assert md["file_levels"] >= 1
+    assert img.geometry.ndim == 2
+    assert img.name == Path(rel).name.split(".")[0]
+
+
+@pytest.mark.parametrize("rel", SVS)
+def test_svs_tiles_equal_openslide(rel):
+    openslide = pytest.importorskip("openslide")
+    path = real_path(rel)
+    (img,) = wsi.read(path)
+    slide = openslide.OpenSlide(str(path))
+    try:
+        assert img.metadata["file_levels"] == slide.level_count
+        for lev in range(slide.level_count):
+            w, h = slide.level_dimensions[lev]
+            assert img.data[lev].shape[:2] == (h, w)
+            # a region crossing tile borders, and the bottom-right corner (partial tiles);
+            # above level 0 openslide maps level-0 locations with non-integer downsamples,
+            # so only regions anchored at the origin are pixel-aligned there
+            regions = ((200, 230, 300, 250), (w - 130, h - 90, 130, 90)) if lev == 0 else (
+                (0, 0, 600, 520),)
+            for x, y, rw, rh in regions:
+                down = slide.level_downsamples[lev]
+                ref = np.asarray(
+                    slide.read_region((int(x * down), int(y * down)), lev, (rw, rh))
+                )[..., :3]
+                got = np.asarray(img.data[lev][y : y + rh, x : x + rw])
+                np.testing.assert_array_equal(got, ref)
+        props = slide.properties
+        if "openslide.mpp-x" in props:
+            assert img.metadata["mpp"] == pytest.approx(
+                [float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])]
+            )
+            assert img.geometry.spacing == pytest.approx(
+                (float(props["openslide.mpp-x"]) / 1000.0, float(props["openslide.mpp-y"]) / 1000.0)
+            )
+        else:
+            assert img.metadata["mpp"] is None
+            assert any("MPP" in w for w in img.metadata["warnings"])
+            assert img.geometry.spacing == (1.0, 1.0)
+        power = props.get("openslide.objective-power")
+        assert img.metadata["objective_power"] == (None if power is None else float(power))
+        assert set(img.metadata["associated_images"]) == set(slide.associated_images)
+    finally:
+        slide.close()
+
+
+def test_svs_associated_images_are_listed_not_loaded_and_load_on_request():
+    openslide = pytest.importorskip("openslide")
+    path = real_path("pathology/wsi/CMU-1-Small-Region.svs")
+    (img,) = wsi.read(path)
+    assoc = img.metadata["associated_images"]
+    assert set(assoc) == {"label", "macro", "thumbnail"}
+    assert all(isinstance(v, list) for v in assoc.values())  # shapes only, no pixels
+    slide = openslide.OpenSlide(str(path))
+    try:
+        label = wsi.read_associated(path, "label")
+        assert list(label.shape) == assoc["label"]
+        assert label.shape[:2][::-1] == slide.associated_images["label"].size
+    finally:
+        slide.close()
+    with pytest.raises(ReadError, match="no associated image"):
+        wsi.read_associated(path, "barcode")
+
+
+def test_svs_metadata_has_no_identifiers():
+    path = real_path("pathology/wsi/CMU-1-Small-Region.svs")
+    (img,) = wsi.read(path)
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tf:
+        desc = tf.pages.first.description
+    user = re.search(r"User = ([^|]+)", desc).group(1).strip()
+    text = repr(img.full_metadata())
+    assert user not in text
+    assert "ScanScope" not in text and "Date" not in text
+
+
+@pytest.mark.parametrize("rel", SLIDES[2:4])
+def test_ome_tiff_pixels_and_physical_size(rel):
+    import tifffile
+
+    path = real_path(rel)
+    (img,) = wsi.read(path)
+    full = tifffile.imread(str(path))
+    np.testing.assert_array_equal(np.asarray(img.data[0][100:612, 300:900]), full[100:612, 300:900])
+    with tifffile.TiffFile(str(path)) as tf:
+        ome = tf.ome_metadata
+    sx = float(re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', ome).group(1))
+    sy = float(re.search(r'PhysicalSizeY="([0-9.eE+-]+)"', ome).group(1))
+    assert img.metadata["mpp"] == pytest.approx([sx, sy])
+    assert img.geometry.spacing == pytest.approx((sx / 1000.0, sy / 1000.0))
+    # a derived overview level is the 2x2 mean of the level above
+    lv0 = full[:16, :16].astype(np.float64)
+    expect = np.floor(lv0.reshape(8, 2, 8, 2, 3).mean(axis=(1, 3)) + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(img.data[1][:8, :8]), expect)
+
+
+def test_dicom_wsi_is_claimed_and_tiles_equal_pydicom_frames():
+    from pydicom import dcmread
+
+    path = real_path(DICOM_WSI)
+    assert wsi.can_read(path)
+    (img,) = wsi.read(path)
+    ds = dcmread(str(path))
+    frames = ds.pixel_array  # (n_frames, rows, cols, 3): pydicom's own decode
+    th, tw = int(ds.Rows), int(ds.Columns)
+    total_rows, total_cols = int(ds.TotalPixelMatrixRows), int(ds.TotalPixelMatrixColumns)
+    n_cols = -(-total_cols // tw)
+    assert img.data[0].shape == (total_rows, total_cols, 3)
+    assert img.data[0].chunksize[:2] == (th, tw)
+    mosaic = np.zeros((-(-total_rows // th) * th, n_cols * tw, 3), np.uint8)
+    for k, frame in enumerate(frames):
+        r, c = divmod(k, n_cols)
+        mosaic[r * th : (r + 1) * th, c * tw : (c + 1) * tw] = frame
+    for y, x, h, w in ((450, 480, 120, 90), (total_rows - 70, total_cols - 60, 70, 60)):
+        np.testing.assert_array_equal(np.asarray(img.data[0][y : y + h, x : x + w]),
+                                      mosaic[y : y + h, x : x + w])
+    md = img.metadata
+    assert md["sop_class_uid"] == wsi.WSI_DICOM_SOP_CLASS
+    assert md["series_instance_uid"] == ds.SeriesInstanceUID
+    expect_x = float(ds.ImagedVolumeWidth) * 1000.0 / total_cols
+    expect_y = float(ds.ImagedVolumeHeight) * 1000.0 / total_rows
+    assert md["mpp"] == pytest.approx([expect_x, expect_y])
+    assert "ImagedVolume" in md["mpp_source"]
+    text = repr(img.full_metadata())
+    assert str(ds.PatientName) not in text and str(ds.PatientID) not in text
+
+
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "pathology/patches/CRC-VAL-HE-7K_NORM-TCGA-YLVCMEHK.tif",  # small plain TIFF: image2d
+        "pathology/patches/skimage_ihc.png",
+        "dicom_edge/ct_small_128px.dcm",  # DICOM, but not a slide
+        "ct/totalseg_nifti/example_ct_sm.nii.gz",
+    ],
+)
+def test_can_read_rejects_what_is_not_a_slide(rel):
+    assert wsi.can_read(real_path(rel)) is False
+
+
+def test_can_read_never_raises(tmp_path):
+    assert wsi.can_read(tmp_path) is False
+    assert wsi.can_read(tmp_path / "missing.svs") is False
+    junk = tmp_path / "junk.svs"
+    junk.write_bytes(b"II*\x00" + b"\x00" * 10)
+    assert wsi.can_read(junk) is False
+    fake_dcm = tmp_path / "x.dcm"
+    fake_dcm.write_bytes(b"\x00" * 128 + b"DICM" + b"\x01\x02")
+    assert wsi.can_read(fake_dcm) is False
+
+
+@pytest.mark.parametrize("rel", ["pathology/wsi/CMU-1-Small-Region.svs",
+                                 "pathology/wsi/OS-2-ndpi_Ki67.ome.tif", DICOM_WSI])
+def test_truncated_slide_raises_read_error_naming_the_file(rel, tmp_path):
+    src = real_path(rel)
+    data = src.read_bytes()
+    bad = tmp_path / f"truncated_{src.name}"
+    bad.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(ReadError) as exc:
+        wsi.read(bad)
+    assert bad.name in str(exc.value)
+    assert exc.value.path == bad
+
+
+class _Executed:
+    """dask callback recording which arrays (by graph-key name) had tasks executed."""
+
+    def __init__(self):
+        from dask.callbacks import Callback
+
+        self.names: Counter[str] = Counter()
+        outer = self
+
+        class _CB(Callback):
+            def _pretask(self, key, dsk, state):
+                outer.names[key[0] if isinstance(key, tuple) else str(key)] += 1
+
+        self.cb = _CB()
+
+
+@pytest.mark.gui
+@pytest.mark.parametrize("rel", SVS)
+def test_napari_multiscale_layer_never_reads_full_resolution(rel, make_napari_viewer):
+    path = real_path(rel)
+    (img,) = wsi.read(path)
+    viewer = make_napari_viewer()
+    data, kwargs, layer_type = img.layer_data()
+    assert layer_type == "image" and kwargs["multiscale"] is True and kwargs["rgb"] is True
+    rec = _Executed()
+    with rec.cb:
+        layer = viewer.add_image(data, **kwargs)
+        viewer.reset_view()
+    assert layer.multiscale and layer.rgb
+    assert layer.data_level > 0
+    full_res = img.data[0].name
+    shown = img.data[layer.data_level].name
+    assert rec.names[full_res] == 0, rec.names  # no full-resolution tile decoded
+    assert rec.names[shown] > 0  # the overview really was read
+    # world coordinates are micrometre-true millimetres
+    spacing = img.geometry.spacing
+    assert tuple(layer.scale) == pytest.approx((spacing[1], spacing[0]))
+    corner = layer.data_to_world((img.data[0].shape[0] - 1, img.data[0].shape[1] - 1))
+    assert corner[0] == pytest.approx((img.data[0].shape[0] - 1) * spacing[1])
