@@ -434,6 +434,18 @@ def test_cancel_keeps_part_for_resume(tiny, hub, payload):
     assert wm.fetch(tiny)[0].read_bytes() == payload
 
 
+def test_concurrent_download_of_same_file_is_refused(tiny, hub, payload):
+    from filelock import FileLock
+
+    wm = WeightsManager()
+    lock = FileLock(str(wm.root / ".locks" / "tiny-test" / "model.pt.lock"))
+    # held by "another process"
+    with lock, pytest.raises(WeightsError, match="another download of model.pt .* in progress"):
+        wm.fetch(tiny)
+    assert hub.file_requests() == []
+    assert wm.fetch(tiny)[0].read_bytes() == payload
+
+
 def test_corrupt_download_is_rejected(tiny, hub, payload):
     hub.files["model.pt"] = payload[:-3] + b"BAD"  # same size, wrong content
     wm = WeightsManager()

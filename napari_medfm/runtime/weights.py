@@ -554,7 +554,31 @@ class WeightsManager:
 
     def _download_one(self, spec: ModelSpec, wf: WeightFile, dest: Path,
                       retries: int) -> Generator[tuple[int, int | None], None, None]:
-        """Download one file into ``dest`` (via ``dest.part``), yielding (bytes, total)."""
+        """Download one file into ``dest`` (via ``dest.part``), yielding (bytes, total).
+
+        A lock file under ``<root>/.locks`` keeps two processes from appending to the same
+        ``.part`` (the second one gets a clear error instead of waiting for gigabytes).
+        """
+        lock_path = self.root / ".locks" / spec.id / (wf.filename + ".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from filelock import FileLock, Timeout
+        except ImportError:  # pragma: no cover - filelock comes with huggingface_hub
+            yield from self._download_unlocked(spec, wf, dest, retries)
+            return
+        lock = FileLock(str(lock_path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise WeightsError(f"another download of {wf.filename} for {spec.id} is in progress "
+                               f"(lock {lock_path}); wait for it to finish") from None
+        try:
+            yield from self._download_unlocked(spec, wf, dest, retries)
+        finally:
+            lock.release()
+
+    def _download_unlocked(self, spec: ModelSpec, wf: WeightFile, dest: Path,
+                           retries: int) -> Generator[tuple[int, int | None], None, None]:
         import requests
 
         url = (f"{_hf_endpoint()}/{spec.repo_id}/resolve/"
