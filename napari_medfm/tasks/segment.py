@@ -266,6 +266,9 @@ def _atomic_text(path: Path, write: Any) -> Path:
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
             write(fh)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; use the usual file mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
