@@ -475,13 +475,11 @@ class WeightsManager:
         folder = self.model_dir(spec)
         folder.mkdir(parents=True, exist_ok=True)
         todo: list[WeightFile] = []
-        done: list[Path] = []
         for wf in wanted:
             dest = folder / wf.filename
             if dest.is_file():
                 row = self._check_file(spec, wf, dest)
                 if row["status"] in (OK, UNPINNED):
-                    done.append(dest)
                     continue
                 log.warning("%s; downloading it again", row["message"])
             todo.append(wf)
@@ -493,16 +491,14 @@ class WeightsManager:
             dest = folder / wf.filename
             label = f"{wf.filename} ({i + 1}/{len(todo)})"
             gen = self._download_one(spec, wf, dest, retries)
-            while True:
-                try:
-                    got, size = next(gen)
-                except StopIteration:
-                    break
-                overall = total if known else (size or 0)
-                step = base + got if known else got
-                yield Progress(step, overall, label)
+            try:
+                for got, size in gen:
+                    overall = total if known else (size or 0)
+                    step = base + got if known else got
+                    yield Progress(step, overall, label)
+            finally:
+                gen.close()  # on cancel: close the connection, keep the .part, release the lock
             base += wf.size or 0
-            done.append(dest)
         return [folder / wf.filename for wf in wanted]
 
     def plan_fetch(self, spec_or_id: SpecLike,
