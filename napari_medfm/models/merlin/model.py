@@ -256,7 +256,8 @@ class MerlinModel:
 
     def _encode_batch(self, batch: Sequence[str]) -> None:
         assert self.text_net is not None
-        enc = tokenize(self.tokenizer, batch, self.text_config.max_length)
+        enc = tokenize(self.tokenizer, batch, self.text_config.max_length,
+                       pad_to_multiple_of=self.text_config.attention_window)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         feats = self._run(lambda: _l2n(self.text_net(**enc)), "Merlin's text tower")
         for t, f in zip(batch, feats.cpu().numpy(), strict=True):

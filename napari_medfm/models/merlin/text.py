@@ -189,9 +189,14 @@ def load_tokenizer(folder: str | Path, max_length: int = MAX_LENGTH) -> Any:
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int = MAX_LENGTH,
-             sanitize: bool = True) -> dict[str, torch.Tensor]:
-    """Sanitise and tokenise ``texts`` (padding to the longest, truncation at ``max_length``)."""
+             sanitize: bool = True, pad_to_multiple_of: int | None = None
+             ) -> dict[str, torch.Tensor]:
+    """Sanitise and tokenise ``texts`` (padding to the longest, truncation at ``max_length``).
+
+    ``pad_to_multiple_of`` = the attention window pads like Longformer would internally (pad
+    token, attention mask 0), which changes nothing in the features.
+    """
     batch = [sanitize_report(t) if sanitize else t for t in texts]
     enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt")
+                    pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
