@@ -113,6 +113,9 @@ def test_resolve_verified_and_hash_cached(tiny, payload):
     dest.write_bytes(bytes(reversed(payload)))
     os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert wm.resolve("tiny-test") == dest
+    assert wm.verify("tiny-test")[0]["status"] == OK
+    assert wm.verify("tiny-test", rehash=True)[0]["status"] == MISMATCH  # bit rot is caught
+    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
     # ... a changed mtime invalidates it and the mismatch is caught
     os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.raises(WeightsError, match="sha256 mismatch"):

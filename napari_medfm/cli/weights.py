@@ -3,7 +3,7 @@
     medfm weights list [--json]
     medfm weights fetch ID [--file F ...]        # the only command that uses the network
     medfm weights import ID PATH [--link] [--file F]
-    medfm weights verify [ID] [--json]
+    medfm weights verify [ID] [--json] [--rehash]
     medfm weights path ID [--file F]
     medfm weights convert SRC DST [--prefix P] [--allow CLASS ...] [--dtype bf16]
 """
@@ -102,7 +102,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from ..runtime.weights import MISMATCH, MISSING, PARTIAL
 
-    rows = _manager().verify(args.model)
+    rows = _manager().verify(args.model, rehash=args.rehash)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -176,6 +176,8 @@ def register(sub: Any) -> None:
     q = ws.add_parser("verify", help="check sizes and sha256 of installed weights")
     q.add_argument("model", nargs="?", help="one model (default: all)")
     q.add_argument("--json", action="store_true")
+    q.add_argument("--rehash", action="store_true",
+                   help="hash every file again instead of trusting the (size, mtime) cache")
     q.set_defaults(func=cmd_verify)
 
     q = ws.add_parser("path", help="print where a model's weights are expected")

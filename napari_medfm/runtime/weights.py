@@ -199,8 +199,9 @@ class WeightsManager:
 
     # ---- checks
 
-    def _check_file(self, spec: ModelSpec, wf: WeightFile, path: Path) -> dict[str, Any]:
-        """Status of one file (hashes it when pinned, through the cache)."""
+    def _check_file(self, spec: ModelSpec, wf: WeightFile, path: Path,
+                    rehash: bool = False) -> dict[str, Any]:
+        """Status of one file (hashes it when pinned, through the cache unless ``rehash``)."""
         row: dict[str, Any] = {
             "model": spec.id, "file": wf.filename, "path": str(path), "required": wf.required,
             "expected_size": wf.size, "expected_sha256": wf.sha256, "size": None,
@@ -226,7 +227,11 @@ class WeightsManager:
             row["status"] = UNPINNED
             row["message"] = f"{wf.filename}: present, no pinned sha256 to verify against"
             return row
-        digest = self.file_hash(path)
+        if rehash:
+            digest = sha256_file(path)
+            self._store_hash(path, digest)
+        else:
+            digest = self.file_hash(path)
         row["sha256"] = digest
         if digest.lower() != wf.sha256.lower():
             row["status"] = MISMATCH
@@ -329,14 +334,18 @@ class WeightsManager:
 
     # ---- verify / list
 
-    def verify(self, spec_or_id: SpecLike | None = None) -> list[dict[str, Any]]:
-        """Status of every declared file: ok / missing / partial / hash mismatch / unpinned."""
+    def verify(self, spec_or_id: SpecLike | None = None,
+               rehash: bool = False) -> list[dict[str, Any]]:
+        """Status of every declared file: ok / missing / partial / hash mismatch / unpinned.
+
+        ``rehash`` ignores the hash cache (to catch corruption that kept size and mtime).
+        """
         specs = [_as_spec(spec_or_id)] if spec_or_id is not None else list_specs()
         rows: list[dict[str, Any]] = []
         for spec in specs:
             folder = self.model_dir(spec)
             for wf in spec.files:
-                rows.append(self._check_file(spec, wf, folder / wf.filename))
+                rows.append(self._check_file(spec, wf, folder / wf.filename, rehash=rehash))
         return rows
 
     def list(self) -> list[dict[str, Any]]:
