@@ -73,6 +73,9 @@ def _can_read(p: Path) -> bool:
 
     try:
         return bool(can_read(p))
+    except ImportError as exc:  # a broken install: say so, but let other readers try
+        log.warning("napari-medfm reader unavailable (%s); not opening %s", exc, p.name)
+        return False
     except Exception as exc:  # a sniffer must never break napari's reader loop
         log.debug("napari-medfm can_read(%s) failed: %s", p, exc)
         return False
