@@ -230,3 +230,18 @@ def test_iter_read_yields_progress_and_can_be_cancelled():
             gen.close()  # cancel: stops at this yield, nothing returned
             break
     assert events[-1].step == 3 and events[-1].total == 20
+
+
+def test_folder_with_ct_and_dicom_seg(tmp_path):
+    shutil.copytree(real_path(CT3), tmp_path / "ct")
+    shutil.copy(real_path("ct/dcmqi_ct3slice_seg/liver_seg.dcm"), tmp_path / "liver_seg.dcm")
+    images = dicom.read(tmp_path)
+    assert [im.is_label for im in images] == [False, True]
+    ct, seg = images
+    # the SEG is delegated to io/dicom_seg with the CT as reference: same voxel grid
+    assert seg.geometry.same_grid(ct.geometry, seg.shape, ct.shape)
+    assert seg.data.max() >= 1 and seg.data.dtype.kind in "iu"
+    liver = seg.data > 0
+    assert 0 < ct.data[liver].mean() < 200  # liver is soft tissue in HU
+    _, _, kind = seg.layer_data()
+    assert kind == "labels"
