@@ -38,7 +38,7 @@ from .registry import ModelSpec, WeightFile, get_spec, list_specs
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 8 * 1024 * 1024
+DEFAULT_CHUNK = 1024 * 1024
 _DOWNLOAD_CHUNK = 1024 * 1024
 _CACHE_NAME = ".verified.json"
 _PART_SUFFIX = ".part"
