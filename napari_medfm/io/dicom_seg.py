@@ -88,6 +88,7 @@ def segment_codes(name: str | None) -> tuple[Any, Any]:
     *Tissue* code for both.
     """
     from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
 
     sct = codes.SCT
     words = [w for w in re.split(r"[^A-Za-z0-9]+", name or "") if w]
@@ -101,7 +102,8 @@ def segment_codes(name: str | None) -> tuple[Any, Any]:
         code = getattr(sct, attr, None) if attr.isidentifier() else None
         if code is not None:
             altered = any(w.lower() in _ALTERED for w in cand)
-            category = sct.MorphologicallyAlteredStructure if altered else sct.AnatomicalStructure
+            category = (Code("49755003", "SCT", "Morphologically Altered Structure") if altered
+                        else sct.AnatomicalStructure)
             return category, code
     return sct.Tissue, sct.Tissue
 
@@ -208,12 +210,19 @@ def _frame_planes(ds: Any, path: Path) -> list[tuple[np.ndarray, np.ndarray, np.
 
 def _check_source_grid(
     labels_shape: tuple[int, ...], geometry: Geometry, datasets: list[Any], files: list[Path]
-) -> None:
-    """Raise :class:`GeometryError` unless ``labels``/``geometry`` are the grid of the sources."""
+) -> list[int]:
+    """Check that ``labels``/``geometry`` are the grid of the sources; return the slice of each frame.
+
+    Single-frame sources map strictly: frame ``k`` (``source_files[k]``) is slice ``k``.
+    Multi-frame sources (whose frames our reader sorts by position) map each frame to the
+    slice at its plane position. Raises :class:`GeometryError` on any mismatch.
+    """
     planes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     plane_file: list[Path] = []
+    multiframe = False
     for ds, f in zip(datasets, files, strict=True):
         fp = _frame_planes(ds, f)
+        multiframe = multiframe or int(ds.get("NumberOfFrames", 1) or 1) > 1
         planes.extend(fp)
         plane_file.extend([f] * len(fp))
         if (int(ds.Rows), int(ds.Columns)) != tuple(labels_shape[1:]):
@@ -228,6 +237,7 @@ def _check_source_grid(
         )
     d = geometry.direction
     tol_mm = max(1e-3, 0.1 * min(geometry.spacing))
+    order: list[int] = []
     for k, (pos, iop, sp) in enumerate(planes):
         name = plane_file[k].name
         if not (np.allclose(iop[:3], d[:, 0], atol=1e-3) and np.allclose(iop[3:], d[:, 1], atol=1e-3)):
@@ -240,13 +250,21 @@ def _check_source_grid(
                 f"{name}: pixel spacing {sp.tolist()} (row, column) differs from the labels' "
                 f"spacing {list(geometry.spacing[:2])} (x, y)"
             )
-        expected = geometry.index_to_physical([0.0, 0.0, float(k)])
-        if np.max(np.abs(expected - pos)) > tol_mm:
+        slice_k = k
+        if multiframe:
+            slice_k = int(np.round(geometry.physical_to_index(pos)[2]))
+        expected = geometry.index_to_physical([0.0, 0.0, float(slice_k)])
+        if not 0 <= slice_k < labels_shape[0] or np.max(np.abs(expected - pos)) > tol_mm:
+            where = f"frame {k + 1}" if multiframe else f"slice {k} of the labels"
             raise GeometryError(
-                f"{name}: slice {k} of the labels is at {np.round(expected, 3).tolist()} mm but "
-                f"this source frame is at {np.round(pos, 3).tolist()} mm: labels are not on the "
+                f"{name}: {where} should be at {np.round(expected, 3).tolist()} mm but this "
+                f"source frame is at {np.round(pos, 3).tolist()} mm: labels are not on the "
                 "source grid (wrong order, spacing or series?)"
             )
+        order.append(slice_k)
+    if sorted(order) != list(range(labels_shape[0])):
+        raise GeometryError("several source frames fall on the same slice of the labels")
+    return order
 
 
 # ---------------------------------------------------------------------------- write
@@ -283,7 +301,7 @@ def write_dicom_seg(
     datasets = [_read_source(f) for f in files]
     for note in _repair_series_uids(datasets):
         log.warning("%s: %s", p.name, note)
-    _check_source_grid(arr.shape, geometry, datasets, files)
+    order = _check_source_grid(arr.shape, geometry, datasets, files)
 
     values = [int(v) for v in np.unique(arr) if v != 0]
     if not values:
@@ -308,7 +326,7 @@ def write_dicom_seg(
         )
         desc.SegmentDescription = f"label value {value}"
         descriptions.append(desc)
-    seg_numbers = lut[arr]
+    seg_numbers = lut[arr[order]]  # frame order of the sources
     if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) == 1:
         seg_numbers = seg_numbers[0]  # single-frame source: highdicom wants (rows, cols)
 
@@ -447,6 +465,9 @@ def _load_segmentation(path: Path) -> Any:
     cause = ""
     try:
         seg = hd.seg.segread(str(path))
+        ts = str(seg.file_meta.TransferSyntaxUID)
+        if ts == _RLE and int(seg.BitsAllocated) == 1:
+            raise NotImplementedError("pydicom cannot decode 1-bit RLE frames")
         seg.get_stored_frame(1)  # probe: does the pixel data decode?
         return seg
     except Exception as exc:
