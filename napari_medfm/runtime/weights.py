@@ -591,7 +591,8 @@ class WeightsManager:
                f"{urllib.parse.quote(wf.filename)}")
         part = dest.with_name(dest.name + _PART_SUFFIX)
         part.parent.mkdir(parents=True, exist_ok=True)
-        headers = {"User-Agent": "napari-medfm"}
+        # identity: byte offsets for Range must be those of the file, not of a gzip stream
+        headers = {"User-Agent": "napari-medfm", "Accept-Encoding": "identity"}
         token = _hf_token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
