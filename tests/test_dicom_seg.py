@@ -190,6 +190,17 @@ def test_written_seg_references_source_series_and_passes_highdicom(tmp_path, ct3
     np.testing.assert_array_equal(pix, labels)
 
 
+def test_compressed_seg_round_trip(tmp_path, ct3, liver_spine):
+    labels = liver_spine[0]
+    plain = _write_two_labels(tmp_path, ct3, labels)
+    small = write_dicom_seg(tmp_path / "j2k.dcm", labels, ct3.geometry,
+                            ct3.metadata["source_files"], compress=True)
+    assert pydicom.dcmread(small, stop_before_pixels=True).file_meta.TransferSyntaxUID == (
+        pydicom.uid.JPEG2000Lossless)
+    assert small.stat().st_size < plain.stat().st_size / 5
+    np.testing.assert_array_equal(read_dicom_seg(small, reference=ct3).data, labels)
+
+
 def test_manual_segment_without_algorithm_and_generic_codes(tmp_path, ct3, liver_spine):
     labels = (liver_spine[0] == 2).astype(np.uint8) * 4
     out = write_dicom_seg(tmp_path / "x.dcm", labels, ct3.geometry, ct3.metadata["source_files"],
