@@ -108,11 +108,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             line = f"{r['model']:<28} {r['file']}: {r['status']}"
-            if r["status"] not in ("ok",) and r["message"]:
+            if r["status"] in (PARTIAL, MISMATCH) or "interrupted" in r["message"]:
                 line += f"  - {r['message']}"
             print(line)
         if not rows:
             print("no declared weight files to verify")
+        missing = sorted({r["model"] for r in rows if r["status"] == MISSING and r["required"]})
+        if missing:
+            print(f"not installed: {', '.join(missing)} (`medfm weights fetch ID` or "
+                  "`medfm weights import ID PATH`)")
     bad = [r for r in rows if r["status"] in (PARTIAL, MISMATCH)]
     # for one named model, a missing required file is also a failure
     if args.model:
