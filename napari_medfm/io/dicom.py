@@ -642,6 +642,9 @@ def iter_read(path: str | os.PathLike[str], *, series_uid: str | None = None,
         sop = _sop_class(ds_p)
         if sop == WSI_SOP_CLASS:
             raise UnsupportedFormatError(f"{p.name}: DICOM whole-slide microscopy; open it with the slide reader")
+        why_not = next((r for f, r in skipped if f == p), None)
+        if why_not is not None:
+            raise ReadError(p, f"cannot be shown as an image: {why_not}")
         if series_uid is None:
             series_uid = uid
         if not series_only or int(ds_p.get("NumberOfFrames", 1) or 1) > 1:
