@@ -353,3 +353,21 @@ def test_read_errors_name_file_and_cause(tmp_path, ct3, totalseg):
     with pytest.raises(GeometryError, match="Frame of Reference"):
         read_dicom_seg(src, reference=totalseg[0])
     shutil.rmtree(tmp_path)
+
+
+def test_single_slice_source_accepts_2d_and_3d_labels(tmp_path):
+    src = real_path("dicom_edge/ct_small_128px.dcm")
+    img = sitk.ReadImage(str(src))
+    ref = MedicalImage.from_sitk(img, metadata={"source_files": [str(src)]})
+    labels = np.zeros(ref.shape, np.uint8)
+    labels[0, 30:60, 40:90] = 2
+    out = write_dicom_seg(tmp_path / "s3.dcm", labels, ref.geometry, [src],
+                          label_names={2: "lesion"})
+    np.testing.assert_array_equal(read_dicom_seg(out, reference=ref).data, labels)
+    flat = Geometry(ref.geometry.spacing[:2], ref.geometry.origin[:2], np.eye(2))
+    out2 = write_dicom_seg(tmp_path / "s2.dcm", labels[0], flat, [src])
+    np.testing.assert_array_equal(read_dicom_seg(out2, reference=ref).data, labels)
+    wrong = Geometry((1.0, 1.0), (0.0, 0.0), np.eye(2))
+    with pytest.raises(GeometryError, match="pixel spacing"):
+        write_dicom_seg(tmp_path / "bad.dcm", labels[0], wrong, [src])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s2.dcm", "s3.dcm"]

@@ -209,6 +209,26 @@ def _frame_planes(ds: Any, path: Path) -> list[tuple[np.ndarray, np.ndarray, np.
     return out
 
 
+def _promote_2d(
+    arr: np.ndarray, geometry: Geometry, datasets: list[Any], files: list[Path]
+) -> tuple[np.ndarray, Geometry]:
+    """A (y, x) label slice over one single-frame source -> (1, y, x) on the source's plane."""
+    if len(datasets) != 1 or int(datasets[0].get("NumberOfFrames", 1) or 1) != 1:
+        raise GeometryError(
+            f"2D labels {arr.shape} need exactly one single-frame source image, got "
+            f"{len(files)} file(s)"
+        )
+    pos, iop, sp = _frame_planes(datasets[0], files[0])[0]
+    if not np.allclose([sp[1], sp[0]], geometry.spacing[:2], rtol=1e-3, atol=1e-4):
+        raise GeometryError(
+            f"{files[0].name}: pixel spacing {sp.tolist()} (row, column) differs from the "
+            f"labels' spacing {list(geometry.spacing)} (x, y)"
+        )
+    normal = np.cross(iop[:3], iop[3:])
+    direction = np.stack([iop[:3], iop[3:], normal / np.linalg.norm(normal)], axis=1)
+    return arr[None], Geometry((sp[1], sp[0], 1.0), tuple(pos), direction)
+
+
 def _check_source_grid(
     labels_shape: tuple[int, ...], geometry: Geometry, datasets: list[Any], files: list[Path]
 ) -> list[int]:
@@ -300,14 +320,16 @@ def write_dicom_seg(
 
     p = Path(path)
     arr = _check_labels(p, labels, geometry)
-    if arr.ndim != 3:
-        raise WriteError(p, f"DICOM-SEG needs a 3D label volume (z, y, x), got shape {arr.shape}")
     files = [Path(f) for f in source_files]
     if not files:
-        raise WriteError(p, "no source DICOM files given: a DICOM-SEG must reference its images")
+        raise WriteError(p, "no source DICOM files given: a DICOM-SEG must reference its images "
+                            "(images resampled on reading, e.g. for gantry tilt or uneven slice "
+                            "spacing, no longer map to files)")
     datasets = [_read_source(f) for f in files]
     for note in _repair_series_uids(datasets):
         log.warning("%s: %s", p.name, note)
+    if arr.ndim == 2:  # one 2D slice: place it with the source's own plane
+        arr, geometry = _promote_2d(arr, geometry, datasets, files)
     order = _check_source_grid(arr.shape, geometry, datasets, files)
 
     values = [int(v) for v in np.unique(arr) if v != 0]
