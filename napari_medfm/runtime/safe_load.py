@@ -278,11 +278,12 @@ def load_strict(module: torch.nn.Module, sd: Mapping[str, Any], what: str | Path
             parts.append(_listing("unexpected keys", unexpected))
         if shapes:
             parts.append(_listing("shape mismatches", shapes))
-        src = f" from {Path(what).name if isinstance(what, Path) else what}" if what else ""
+        label = (Path(what).name if isinstance(what, Path) else what) if what else None
         raise WeightsError(
-            f"checkpoint{src} does not match {name}: " + "; ".join(parts)
-            + (f". Expected the released checkpoint {what}" if what else "")
-            + " (a different model size/version, or the wrong file?)")
+            f"checkpoint{' ' + label if label else ''} does not match {name}: "
+            + "; ".join(parts)
+            + (f". {name} expects the released {label};" if label else ".")
+            + " is this a different model size/version, or the wrong file?")
     try:
         module.load_state_dict(dict(sd), strict=True)
     except RuntimeError as exc:  # e.g. dtype/device issues not caught above
