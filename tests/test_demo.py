@@ -83,6 +83,18 @@ def test_cli_errors_are_clean(capsys, tmp_path):
     assert "no such file" in capsys.readouterr().err
 
 
+def test_no_display_is_a_clean_error(capsys, monkeypatch):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the $DISPLAY check is for Linux/X11")
+    for var in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["demo"]) == 2
+    assert "xvfb-run" in capsys.readouterr().err
+    nii = real_path("ct/totalseg_nifti/example_ct_sm.nii.gz")
+    assert main(["open", str(nii)]) == 2
+    assert "--info" in capsys.readouterr().err
+
+
 def test_open_info_nifti(capsys):
     pytest.importorskip("napari_medfm.io.image2d", reason="io/image2d.py not written yet")
     path = real_path("ct/totalseg_nifti/example_ct_sm.nii.gz")

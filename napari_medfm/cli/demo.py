@@ -56,6 +56,22 @@ def dock_all_widgets(viewer: Any) -> tuple[list[str], list[str]]:
     return docked, skipped
 
 
+def require_display(command: str = "demo") -> None:
+    """Fail cleanly (instead of a Qt abort) when there is no screen to open a window on."""
+    import os
+    import sys
+
+    if (sys.platform.startswith("linux")
+            and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+            and not os.environ.get("QT_QPA_PLATFORM")):
+        from ..errors import MedfmError
+
+        raise MedfmError(
+            "no display found ($DISPLAY is not set): napari needs a screen. On a headless "
+            f"machine run `xvfb-run -a medfm {command} ...`"
+            + (" or `medfm open PATH --info` for a text summary." if command == "open" else "."))
+
+
 def choose_sample(sample: str) -> str:
     """``auto`` -> ``ct`` when the public CT is already cached, else ``phantom``."""
     if sample != "auto":
@@ -133,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
 
         raise MedfmError(f"unknown window preset {args.window!r}; choose one of "
                          f"{', '.join(preset_names())}")
+    require_display("demo")
     key = choose_sample(args.sample)
     # load first: a failed download must not leave an empty window behind
     from ..sample_data import load_sample

@@ -143,9 +143,10 @@ def run(args: argparse.Namespace) -> int:
                 f"{p.name}: not a medical image napari-medfm reads (DICOM, NIfTI, NRRD, "
                 "MHA/MHD, PNG/JPEG, TIFF/SVS/OME-TIFF)")
 
-    import napari
+    from .demo import dock_all_widgets, finish, require_display
 
-    from .demo import dock_all_widgets, finish
+    require_display("open")
+    import napari
 
     viewer = napari.Viewer(title="napari-medfm", show=True)
     try:
