@@ -304,7 +304,7 @@ def write_dicom_seg(
     """Write ``labels`` as a BINARY DICOM-SEG referencing ``source_files`` (atomic).
 
     ``compress=True`` stores the frames as JPEG 2000 lossless (the one compression highdicom
-    allows for BINARY): typically 20-50x smaller, read back by pydicom with
+    allows for BINARY): 18-43x smaller on the corpus, read back by pydicom with
     pylibjpeg-openjpeg, but some older viewers only read the default uncompressed
     Explicit VR Little Endian.
 
@@ -570,7 +570,10 @@ def _combine(seg: Any, values: Mapping[int, int], path: Path) -> tuple[np.ndarra
     affine = None
     overlap = 0
     for n in numbers:
-        vol = seg.get_volume(segment_numbers=[n], combine_segments=False)
+        try:
+            vol = seg.get_volume(segment_numbers=[n], combine_segments=False)
+        except Exception as exc:
+            raise ReadError(path, f"segment {n} could not be read as a volume ({exc})") from exc
         mask = np.asarray(vol.array)[..., 0]
         mask = mask >= 0.5 if fractional else mask > 0
         if arr is None:
