@@ -186,7 +186,9 @@ class SampleDownloadError(MedfmError):
 class Sample:
     """A public file fetched on demand.
 
-    ``urls`` are tried in order (the first that yields the pinned ``sha256`` wins).
+    ``urls`` are tried in order (the first that yields the pinned ``sha256`` wins): a pinned
+    commit first, then the default branch (``HEAD``) or the upstream site as fallbacks, which
+    the checksum keeps honest.
     """
 
     key: str
@@ -207,7 +209,9 @@ SAMPLES: dict[str, Sample] = {
             "example_ct.nii.gz",
             "dbd3ae6d614d1d7ef3a46925c30c70038ed52da6b37fdd6afdc7b9b71387e3e1",
             ("https://raw.githubusercontent.com/wasserth/TotalSegmentator/0e65a448d5/"
-             "tests/reference_files/example_ct.nii.gz",),
+             "tests/reference_files/example_ct.nii.gz",
+             "https://raw.githubusercontent.com/wasserth/TotalSegmentator/HEAD/"
+             "tests/reference_files/example_ct.nii.gz"),
             "Apache-2.0 (TotalSegmentator repository)", 2.2,
         ),
         Sample(
@@ -215,7 +219,9 @@ SAMPLES: dict[str, Sample] = {
             "00000001_000.png",
             "c8cbe59e6b9b186060dc68e63965658fa6b5b3ada6648d25c189b8b69b43cd4c",
             ("https://raw.githubusercontent.com/mlmed/torchxrayvision/f4087a0b0d/"
-             "tests/00000001_000.png",),
+             "tests/00000001_000.png",
+             "https://raw.githubusercontent.com/mlmed/torchxrayvision/HEAD/"
+             "tests/00000001_000.png"),
             "NIH ChestX-ray14: no use restrictions, attribution to the NIH Clinical Center", 0.2,
         ),
         Sample(
@@ -240,7 +246,7 @@ SAMPLES: dict[str, Sample] = {
 }
 
 
-def _file_downloader(url: str, output_file: Any, _pooch: Any = None) -> None:
+def _file_downloader(url: str, output_file: Any, _pooch: Any = None, **_kw: Any) -> None:
     """pooch downloader for ``file://`` URLs (local mirrors, tests)."""
     src = Path(unquote(urlparse(url).path))
     if not src.is_file():
