@@ -251,14 +251,21 @@ def _decoder_error(path: Path, exc: Exception) -> ReadError:
 
 
 def _halve_block(block: np.ndarray) -> np.ndarray:
-    """2x2 mean of an even-sized block (rounded for integer data)."""
+    """2x2 mean of an even-sized block (rounded half up for integer data)."""
     dtype = block.dtype
-    acc = np.float32 if dtype.kind == "f" else np.uint32 if dtype.kind == "u" else np.int64
-    b = block.astype(acc, copy=False)
-    s = b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2]
+    if dtype.kind == "f":
+        acc = block.astype(np.float64)
+    elif dtype.kind == "u" and dtype.itemsize == 1:
+        acc = block.astype(np.uint16)  # 4 * 255 fits
+    else:
+        acc = block.astype(np.int64)
+    rows = acc[0::2] + acc[1::2]
+    s = rows[:, 0::2] + rows[:, 1::2]
     if dtype.kind == "f":
         return (s / 4).astype(dtype)
-    return ((s + 2) // 4).astype(dtype)
+    s += 2
+    s //= 4
+    return s.astype(dtype)
 
 
 def _even_chunks(chunks: tuple[int, ...]) -> tuple[int, ...]:
