@@ -206,6 +206,42 @@ class Geometry:
         a[:3, 3] = LPS_TO_RAS @ np.asarray(self.origin)
         return a
 
+    def display_transpose(self) -> tuple[int, ...] | None:
+        """numpy-axes order that puts each image axis along its nearest patient axis.
+
+        napari slices in world space along its displayed axes, so a volume whose image axes are
+        *permuted* relative to the patient axes (coronal or sagittal acquisitions: e.g. rows
+        running head-to-foot) cannot be sliced in 2D (napari raises a singular-matrix error).
+        Presenting the array transposed (a free view) with the correspondingly permuted geometry
+        keeps every voxel at exactly the same LPS position while making the linear part
+        diagonal-dominant. Returns ``None`` when no transpose is needed (axial data, flips only).
+        """
+        if self.ndim != 3:
+            return None
+        nearest = np.argmax(np.abs(self.direction), axis=0)  # patient axis of each image axis (xyz)
+        if sorted(nearest.tolist()) != [0, 1, 2]:
+            # two image axes nearest the same patient axis (strongly oblique): keep as is
+            return None
+        if nearest.tolist() == [0, 1, 2]:
+            return None
+        # new image axis j (xyz) = old image axis whose nearest patient axis is j
+        perm_xyz = [int(np.where(nearest == j)[0][0]) for j in range(3)]
+        # numpy order is reversed: new numpy axis k <- old numpy axis 2 - perm_xyz[2 - k]
+        return tuple(2 - perm_xyz[2 - k] for k in range(3))
+
+    def transposed(self, np_axes: Any) -> Geometry:
+        """Geometry of ``array.transpose(np_axes)`` (the same voxels, axes permuted)."""
+        n = self.ndim
+        axes = [int(a) for a in np_axes]
+        if sorted(axes) != list(range(n)):
+            raise ValueError(f"not a permutation of {n} axes: {axes}")
+        perm_xyz = [n - 1 - axes[n - 1 - j] for j in range(n)]
+        return Geometry(
+            tuple(self.spacing[i] for i in perm_xyz),
+            self.origin,
+            self.direction[:, perm_xyz],
+        )
+
     def napari_kwargs(self, warn: bool = True) -> dict[str, Any]:
         """Keyword arguments for a napari layer that place it in LPS world space.
 

@@ -90,26 +90,69 @@ class MedicalImage:
         return md
 
     def layer_data(self, **extra: Any) -> tuple[Any, dict[str, Any], str]:
-        """A napari ``LayerDataTuple`` ``(data, kwargs, "image"|"labels")``; no napari import."""
+        """A napari ``LayerDataTuple`` ``(data, kwargs, "image"|"labels")``; no napari import.
+
+        Coronal/sagittal volumes are handed to napari as a transposed *view* (see
+        :meth:`Geometry.display_transpose`) with the matching geometry, so napari can slice
+        them; ``metadata['display_transpose']`` records it and :meth:`from_layer` undoes it.
+        """
+        data, geometry = self.data, self.geometry
+        md = self.full_metadata()
+        axes = None if (self.multiscale or self.rgb) else geometry.display_transpose()
+        if axes is not None:
+            data = data.transpose(axes)
+            geometry = geometry.transposed(axes)
+            md["display_transpose"] = list(axes)
         if self.is_label:
-            kwargs = {"name": self.name, "metadata": self.full_metadata(), "multiscale": self.multiscale}
-            kwargs.update(self.geometry.napari_kwargs())
+            kwargs = {"name": self.name, "metadata": md, "multiscale": self.multiscale}
+            kwargs.update(geometry.napari_kwargs())
             kwargs.update(extra)
-            return (self.data, kwargs, "labels")
+            return (data, kwargs, "labels")
         kwargs: dict[str, Any] = {
             "name": self.name,
-            "metadata": self.full_metadata(),
+            "metadata": md,
             "rgb": self.rgb,
             "multiscale": self.multiscale,
         }
-        kwargs.update(self.geometry.napari_kwargs())
+        kwargs.update(geometry.napari_kwargs())
         cl = self.contrast_limits()
         if cl is not None and not self.rgb:
             kwargs["contrast_limits"] = cl
         if not self.rgb:
             kwargs.setdefault("colormap", "gray")
         kwargs.update(extra)
-        return (self.data, kwargs, "image")
+        return (data, kwargs, "image")
+
+    @classmethod
+    def from_layer(cls, layer: Any) -> MedicalImage:
+        """The image behind a napari Image/Labels layer, in its *source* axis order.
+
+        Geometry comes from the layer's own transforms (so it is right even for layers we did
+        not create); a display transpose applied by :meth:`layer_data` is undone so that
+        ``metadata['source_files']`` indexing and writers see the source order again.
+        """
+        from ..geometry import geometry_of_layer
+
+        md = dict(getattr(layer, "metadata", None) or {})
+        multiscale = bool(getattr(layer, "multiscale", False))
+        data = layer.data
+        geometry = geometry_of_layer(layer) if not multiscale else Geometry.from_dict(md["geometry"])
+        data, geometry = undo_display_transpose(data, geometry, md)
+        md.pop("display_transpose", None)
+        is_label = type(layer).__name__ == "Labels"
+        kind = md.get("kind") or ("volume" if geometry.ndim == 3 else "image2d")
+        window = md.get("window")
+        return cls(
+            data, geometry,
+            modality=str(md.get("modality", "OT")),
+            kind=kind,
+            name=str(getattr(layer, "name", "image")),
+            rgb=bool(getattr(layer, "rgb", False)),
+            multiscale=multiscale,
+            window=tuple(window) if window is not None and len(window) == 2 else None,
+            metadata=md,
+            is_label=is_label,
+        )
 
     def to_sitk(self) -> Any:
         """Materialise as a ``SimpleITK.Image`` with the geometry (not for WSI)."""
@@ -131,3 +174,12 @@ class MedicalImage:
         kwargs.setdefault("rgb", rgb)
         kwargs.setdefault("kind", "volume" if image.GetDimension() == 3 else "image2d")
         return cls(arr, Geometry.from_sitk(image), **kwargs)
+
+
+def undo_display_transpose(data: Any, geometry: Geometry, metadata: dict[str, Any] | None) -> tuple[Any, Geometry]:
+    """Map layer-order ``data``/``geometry`` back to source order (see ``display_transpose``)."""
+    axes = (metadata or {}).get("display_transpose")
+    if not axes:
+        return data, geometry
+    inv = [int(i) for i in np.argsort(axes)]
+    return data.transpose(inv), geometry.transposed(inv)
