@@ -214,6 +214,14 @@ def test_manual_segment_without_algorithm_and_generic_codes(tmp_path, ct3, liver
     assert seg.metadata["segment_numbers"] == {4: 1}
 
 
+def test_non_ascii_segment_names_survive(tmp_path, ct3, liver_spine):
+    names = {1: "Leber ü", 2: "脊椎"}
+    out = write_dicom_seg(tmp_path / "u.dcm", liver_spine[0], ct3.geometry,
+                          ct3.metadata["source_files"], label_names=names)
+    assert pydicom.dcmread(out, stop_before_pixels=True).SpecificCharacterSet == "ISO_IR 192"
+    assert read_dicom_seg(out).metadata["label_names"] == names
+
+
 def test_segment_codes_known_and_unknown_names():
     cat, typ = segment_codes("kidney_left")
     assert (typ.value, cat.value) == ("64033007", "91723000")

@@ -359,6 +359,10 @@ def write_dicom_seg(
     if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) == 1:
         seg_numbers = seg_numbers[0]  # single-frame source: highdicom wants (rows, cols)
 
+    texts = [*names.values(), series_description]
+    extra: dict[str, Any] = {}
+    if not all(t.isascii() for t in texts):
+        extra["specific_character_set"] = "ISO_IR 192"  # UTF-8 for non-ASCII segment names
     try:
         with warnings.catch_warnings():
             # highdicom warns about odd patient names *quoting the name*: never let it reach logs
@@ -381,6 +385,7 @@ def write_dicom_seg(
                 content_description=series_description[:64],
                 omit_empty_frames=True,
                 transfer_syntax_uid=JPEG2000Lossless if compress else ExplicitVRLittleEndian,
+                **extra,
             )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise WriteError(p, f"highdicom rejected the segmentation: {exc}") from exc
