@@ -59,14 +59,20 @@ import numpy as np
 from ..errors import GeometryError, ReadError
 from ..geometry import Geometry
 from .types import MedicalImage
-from .writers import WriteError, _check_labels, _norm_color, atomic_write, label_dtype
+from .writers import (
+    WriteError,
+    _check_labels,
+    _norm_color,
+    atomic_write,
+    label_dtype,
+    present_values,
+)
 
 __all__ = ["read_dicom_seg", "write_dicom_seg", "segment_codes", "SEG_SOP_CLASS_UID"]
 
 log = logging.getLogger(__name__)
 
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
-_EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
 _RLE = "1.2.840.10008.1.2.5"
 _DEFLATED_FRAMES = "1.2.840.10008.1.2.8.1"
@@ -332,7 +338,7 @@ def write_dicom_seg(
         arr, geometry = _promote_2d(arr, geometry, datasets, files)
     order = _check_source_grid(arr.shape, geometry, datasets, files)
 
-    values = [int(v) for v in np.unique(arr) if v != 0]
+    values = present_values(arr)
     if not values:
         raise WriteError(p, "labels are all zero: a DICOM-SEG needs at least one segment")
     names = {int(k): str(v) for k, v in (label_names or {}).items()}

@@ -112,6 +112,18 @@ def label_dtype(labels: np.ndarray) -> np.dtype:
     return np.dtype(np.int32)
 
 
+def present_values(labels: np.ndarray) -> list[int]:
+    """Sorted non-zero values present in a non-negative integer label map (fast for big maps)."""
+    arr = np.asarray(labels)
+    if arr.size == 0:
+        return []
+    mx = int(arr.max())
+    if mx < (1 << 20):
+        counts = np.bincount(arr.reshape(-1).astype(np.intp, copy=False), minlength=mx + 1)
+        return [int(v) for v in np.flatnonzero(counts) if v != 0]
+    return [int(v) for v in np.unique(arr) if v != 0]
+
+
 def _check_labels(path: Path, labels: Any, geometry: Geometry) -> np.ndarray:
     arr = np.asarray(labels)
     if arr.dtype == bool:
@@ -153,7 +165,7 @@ def _label_table(
 ) -> dict[int, dict[str, Any]]:
     names = {int(k): str(v) for k, v in (label_names or {}).items()}
     colors = {int(k): _norm_color(v, path) for k, v in (label_colors or {}).items()}
-    present = [int(v) for v in np.unique(arr) if v != 0]
+    present = present_values(arr)
     table: dict[int, dict[str, Any]] = {}
     for v in sorted(set(present) | set(names) | set(colors)):
         if v == 0:
