@@ -279,7 +279,7 @@ def _write_sitk(path: Path, image: Any, compress: bool) -> Path:
     def _write(tmp: Path) -> None:
         try:
             sitk.WriteImage(image, str(tmp), useCompression=compress)
-        except RuntimeError as exc:  # ITK exceptions are long; keep the first useful line
+        except RuntimeError as exc:  # ITK exceptions are long; keep the last (useful) line
             msg = str(exc).strip().splitlines()
             raise WriteError(path, "SimpleITK could not write the file: "
                              + (msg[-1] if msg else "unknown error")) from exc
@@ -316,7 +316,7 @@ def write_labels(
         Voxel grid of ``labels`` (SimpleITK x/y/z order, LPS mm), usually the source image's.
     label_names, label_colors
         ``{value: name}`` and ``{value: (r, g, b)}`` (0-255, or 0-1 floats as napari uses);
-        stored in the ``<file>.labels.json`` sidecar and, for NRRD, as Slicer key/values.
+        stored in the ``<stem>.labels.json`` sidecar and, for NRRD, as Slicer key/values.
 
     Returns the written path. Raises :class:`WriteError` for bad labels and
     :class:`~napari_medfm.errors.UnsupportedFormatError` for an unknown extension.
