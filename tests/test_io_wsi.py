@@ -250,3 +250,44 @@ def test_napari_multiscale_layer_never_reads_full_resolution(rel, make_napari_vi
     assert tuple(layer.scale) == pytest.approx((spacing[1], spacing[0]))
     corner = layer.data_to_world((img.data[0].shape[0] - 1, img.data[0].shape[1] - 1))
     assert corner[0] == pytest.approx((img.data[0].shape[0] - 1) * spacing[1])
+
+
+def test_dicom_wsi_sparse_tiling_uses_frame_positions(tmp_path):
+    """TILED_SPARSE: frames stored in another order, some tiles absent (shown as white glass)."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.sequence import Sequence
+
+    src = real_path(DICOM_WSI)
+    (ref,) = wsi.read(src)
+    ds = dcmread(str(src))
+    n = int(ds.NumberOfFrames)
+    th, tw = int(ds.Rows), int(ds.Columns)
+    n_cols = -(-int(ds.TotalPixelMatrixColumns) // tw)
+    frames = list(generate_frames(ds.PixelData, number_of_frames=n))
+    order = list(range(n - 1, 2, -1))  # reversed, tiles 0..2 (top-left row) left out
+    ds.PixelData = encapsulate([frames[k] for k in order])
+    ds["PixelData"].is_undefined_length = True
+    ds.NumberOfFrames = len(order)
+    ds.DimensionOrganizationType = "TILED_SPARSE"
+    per_frame = Sequence()
+    for k in order:
+        r, c = divmod(k, n_cols)
+        pos = Dataset()
+        pos.RowPositionInTotalImagePixelMatrix = r * th + 1
+        pos.ColumnPositionInTotalImagePixelMatrix = c * tw + 1
+        item = Dataset()
+        item.PlanePositionSlideSequence = Sequence([pos])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    out = tmp_path / "sparse.dcm"
+    ds.save_as(out)
+
+    assert wsi.can_read(out)
+    (img,) = wsi.read(out)
+    assert img.data[0].shape == ref.data[0].shape
+    np.testing.assert_array_equal(np.asarray(img.data[0][th:, :]), np.asarray(ref.data[0][th:, :]))
+    assert np.all(np.asarray(img.data[0][:th, : 3 * tw]) == 255)  # absent tiles
+    np.testing.assert_array_equal(np.asarray(img.data[0][:th, 3 * tw :]),
+                                  np.asarray(ref.data[0][:th, 3 * tw :]))
