@@ -370,10 +370,9 @@ def save_labels(result: SegmentationResult, path: str | Path) -> Path:
 
 
 def to_metatensor(image: MedicalImage, dtype: Any = np.float32) -> Any:
-    """The image as a channel-first MONAI ``MetaTensor`` ``(1, X, Y, Z)`` with its RAS affine.
+    """The image as a MONAI ``MetaTensor`` ``(X, Y, Z)`` (no channel) with its RAS affine.
 
-    This is what ``LoadImage`` + ``EnsureChannelFirst`` give for the same data read from a
-    NIfTI file (array in (i, j, k) index order, ``affine`` index -> RAS mm), so MONAI transforms
+    This is what ``LoadImage`` gives for the same data read from a NIfTI file (array in (i, j, k) index order, ``affine`` index -> RAS mm), so MONAI transforms
     behave identically on a napari layer and on a file.
     """
     import torch
@@ -382,7 +381,7 @@ def to_metatensor(image: MedicalImage, dtype: Any = np.float32) -> Any:
     arr = np.asarray(image.data)
     xyz = np.ascontiguousarray(np.transpose(arr, (2, 1, 0))).astype(dtype, copy=False)
     aff = torch.as_tensor(image.geometry.affine_ras(), dtype=torch.float64)
-    meta = {"affine": aff.clone(), "original_affine": image.geometry.affine_ras(),
+    meta = {"original_affine": image.geometry.affine_ras(),
             "spatial_shape": np.asarray(xyz.shape), "original_channel_dim": float("nan"),
             "space": "RAS", "filename_or_obj": image.name}
     return MetaTensor(torch.from_numpy(xyz), affine=aff, meta=meta)
@@ -477,7 +476,9 @@ class NetworkSegmenter(Segmenter):
         yield Progress(total - 1, total, "postprocessing")
         pred = torch.argmax(logits[0], dim=0).numpy().astype(np.uint16)
         del logits
-        return resample_labels_to(pred, grid, image.geometry, image.shape)
+        labels = resample_labels_to(pred, grid, image.geometry, image.shape)
+        yield Progress(total, total, "done")
+        return labels
 
 
 def batches(spatial: Sequence[int], roi: Sequence[int], overlap: float, sw_batch_size: int) -> int:
