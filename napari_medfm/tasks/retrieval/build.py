@@ -143,14 +143,18 @@ def _from_folder(root: Path) -> list[CaseItem]:
 
 
 def _lookup_labels(f: Path, root: Path, local: dict[str, tuple[str, str]]) -> tuple[str, str]:
-    """Labels of ``f`` from a ``labels.csv`` in its folder or any ancestor up to ``root``."""
+    """Labels of ``f`` from a ``labels.csv`` in its folder or an ancestor (up to 2 levels
+    above the input folder, so ``data/labels.csv`` naming ``patches/x.png`` labels
+    ``data/patches`` inputs too)."""
+    stop = {root, root.parent, root.parent.parent}
     anc = f.parent
     while True:
         table = local if anc == f.parent else _read_label_table(anc)
         rel = f.relative_to(anc).as_posix()
         if rel in table:
             return table[rel]
-        if anc == root or anc == anc.parent:
+        if anc == root.parent.parent or anc == anc.parent or (
+                anc not in stop and root not in anc.parents and anc != root):
             return "", ""
         anc = anc.parent
 

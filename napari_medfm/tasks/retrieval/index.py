@@ -526,7 +526,7 @@ class CaseIndex:
             "chunks_in_faiss": in_faiss,
             **versions(),
         }
-        self._write_manifest(man)
+        man = self._write_manifest(man)
         self._faiss = None
         return man
 
@@ -564,12 +564,13 @@ class CaseIndex:
         p = self.root / man.get("index_file", FAISS_FILE)
         return p.is_file() and _sha256(p) == man.get("index_sha256")
 
-    def _write_manifest(self, man: dict[str, Any]) -> None:
+    def _write_manifest(self, man: dict[str, Any]) -> dict[str, Any]:
         man = dict(man)
         man.update(count=self.count(), deleted=self.deleted_count(),
                    failures=len(self.failures()),
                    updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         _atomic_write_bytes(self.manifest_path, json.dumps(man, indent=2).encode())
+        return man
 
     def load_faiss(self) -> Any:
         """The faiss index, only if the manifest vouches for it and it is up to date."""
