@@ -256,3 +256,24 @@ def test_volume_lands_in_lps_world_in_napari(make_napari_viewer):
     for idx in [(0, 0, 0), (19, 511, 0), (7, 100, 400)]:
         world = np.asarray(layer.data_to_world(idx))[::-1]
         assert world == pytest.approx(ref.TransformIndexToPhysicalPoint(list(idx[::-1])), abs=1e-4)
+
+
+def test_scaled_integer_nifti_comes_back_as_exact_int16(tmp_path):
+    """uint16 storage + scl_inter -2048: ITK returns floats; they are exact HU integers."""
+    import struct
+
+    nib = pytest.importorskip("nibabel")
+    src = nib.load(str(real_path(CT_SM)))
+    hu = np.asarray(src.dataobj).astype(np.int32)
+    out = tmp_path / "scaled.nii"
+    nib.Nifti1Image((hu + 2048).astype(np.uint16), src.affine).to_filename(str(out))
+    raw = bytearray(out.read_bytes())
+    raw[112:120] = struct.pack("<ff", 1.0, -2048.0)  # NIfTI-1 scl_slope, scl_inter
+    out.write_bytes(bytes(raw))
+    assert sitk.ReadImage(str(out)).GetPixelID() == sitk.sitkFloat32
+    (img,) = volume.read(out)
+    (ref,) = volume.read(real_path(CT_SM))
+    assert img.data.dtype == np.int16
+    np.testing.assert_array_equal(img.data, ref.data)
+    assert img.metadata["rescale"] == {"slope": 1.0, "intercept": -2048.0}
+    assert img.modality == "CT"

@@ -83,8 +83,12 @@ def _sitk_cause(exc: Exception) -> str:
     return msg[:400]
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Raise ReadError when a NIfTI's voxel data is shorter than its header says."""
+def _check_nifti_complete(path: Path) -> dict[str, float] | None:
+    """Raise ReadError when a NIfTI's voxel data is shorter than its header says.
+
+    Returns ``{"slope", "intercept"}`` when the file stores integers scaled by integral
+    ``scl_slope``/``scl_inter`` (ITK then hands back floats that are exactly integers).
+    """
     try:
         import nibabel as nib
 
@@ -93,8 +97,17 @@ def _check_nifti_complete(path: Path) -> None:
         offset = int(getattr(img.dataobj, "offset", 0) or hdr.get_data_offset())
         expected = offset + int(np.prod(hdr.get_data_shape(), dtype=np.int64)) * \
             hdr.get_data_dtype().itemsize
+        # nibabel moves scl_slope/scl_inter from the header to the array proxy on load
+        slope = float(getattr(img.dataobj, "slope", 1.0))
+        inter = float(getattr(img.dataobj, "inter", 0.0))
     except Exception as exc:
         raise ReadError(path, f"not a valid NIfTI header: {exc}") from exc
+    scaling = None
+    if (hdr.get_data_dtype().kind in "iu" and np.isfinite(slope) and slope != 0
+            and (slope, inter) != (1.0, 0.0)):
+        inter = 0.0 if not np.isfinite(inter) else inter
+        if float(slope).is_integer() and float(inter).is_integer():
+            scaling = {"slope": slope, "intercept": inter}
     if path.name.lower().endswith(".gz"):
         size = path.stat().st_size
         if size < 18:
@@ -103,7 +116,7 @@ def _check_nifti_complete(path: Path) -> None:
             fh.seek(-4, 2)
             isize = struct.unpack("<I", fh.read(4))[0]
         if isize == expected % 2**32:
-            return
+            return scaling
         # Trailer disagrees: either truncated or an unusual multi-member gzip -> decompress.
         total = 0
         try:
@@ -118,6 +131,7 @@ def _check_nifti_complete(path: Path) -> None:
         size = path.stat().st_size
         if size < expected:
             raise ReadError(path, f"file is truncated: {size} of {expected} bytes")
+    return scaling
 
 
 def _check_detached_data(path: Path) -> None:
@@ -260,11 +274,20 @@ def _n_unique(arr: np.ndarray) -> int:
 
 
 # ---------------------------------------------------------------------------------- dtype
-def _narrow(arr: np.ndarray, labels: bool) -> np.ndarray:
-    """Smallest integer dtype holding the data exactly (labels: integral floats -> ints)."""
+def _narrow(arr: np.ndarray, labels: bool, integral_float: bool = False) -> np.ndarray:
+    """Smallest integer dtype holding the data exactly (labels: integral floats -> ints).
+
+    ``integral_float``: float intensities known to be integers (scaled integer NIfTI) may
+    become int16/uint16 when every value is an exact integer in range.
+    """
     if arr.dtype.kind == "b":
         return arr.astype(np.uint8)
-    if arr.size == 0 or arr.dtype.kind not in "iuf" or (arr.dtype.kind == "f" and not labels):
+    if arr.size == 0:
+        return arr
+    if integral_float and arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.array_equal(np.round(arr), arr):
+            return arr
+    elif arr.size == 0 or arr.dtype.kind not in "iuf" or (arr.dtype.kind == "f" and not labels):
         return arr
     if not labels and arr.dtype.itemsize <= 2:
         return arr
@@ -375,8 +398,9 @@ def read(
     if not p.is_file():
         raise ReadError(p, "no such file")
     suffix = _suffix(p)
+    scaling = None
     if suffix in (".nii", ".nii.gz"):
-        _check_nifti_complete(p)
+        scaling = _check_nifti_complete(p)
     if suffix in (".mhd", ".nhdr"):
         _check_detached_data(p)
     try:
@@ -409,12 +433,16 @@ def read(
         is_label = bool(as_labels)
     if is_label and arr.dtype.kind == "f" and not np.all(np.round(arr) == arr):
         raise ReadError(p, "as_labels=True but the voxel values are not integers")
-    if not rgb:
+    if scaling is not None and not is_label and arr.dtype.kind == "f":
+        # integers x integral slope + integral intercept: exact integers, keep them as such
+        arr = _narrow(arr, labels=False, integral_float=True)
+    elif not rgb:
         arr = _narrow(arr, labels=is_label)
 
     metadata: dict[str, Any] = {
         "source_path": str(p),
         "original_dtype": original_dtype,
+        **({"rescale": scaling} if scaling else {}),
         "orientation": geometry.orientation,
         "warnings": notes,
     }
