@@ -207,3 +207,15 @@ def test_fundus_and_cxr_layers_in_napari(make_napari_viewer):
         assert layer.rgb == img.rgb
         assert layer.metadata["modality"] == img.modality
     assert tuple(viewer.layers[-1].contrast_limits) == (0.0, 255.0)
+
+
+def test_16bit_colour_png_keeps_its_depth(tmp_path):
+    imagecodecs = pytest.importorskip("imagecodecs")
+    rgb = np.asarray(Image.open(real_path("fundus/skimage_retina.jpg")))[300:500, 200:500]
+    deep = rgb.astype(np.uint16) * 257 + 1
+    out = tmp_path / "deep_rgb.png"
+    out.write_bytes(imagecodecs.png_encode(deep))
+    assert np.asarray(Image.open(out)).dtype == np.uint8  # what Pillow alone would give
+    (img,) = image2d.read(out, modality="fundus")
+    assert img.rgb and img.data.dtype == np.uint16
+    np.testing.assert_array_equal(img.data, deep)

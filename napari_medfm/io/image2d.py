@@ -91,7 +91,9 @@ def _read_pil(path: Path, notes: dict[str, Any]) -> np.ndarray:
                 orientation = int(img.getexif().get(0x0112, 1) or 1)
             except Exception:  # broken EXIF must not block the pixels
                 orientation = 1
-            fast = _fast_jpeg(path, img) if orientation == 1 else None
+            fast = None
+            if orientation == 1:
+                fast = _fast_jpeg(path, img) if img.format == "JPEG" else _png_16bit_colour(path, img)
             if fast is not None:
                 return fast
             img.load()
@@ -140,6 +142,24 @@ def _fast_jpeg(path: Path, img: Any) -> np.ndarray | None:
             return arr[..., 0]
         return None
     return arr
+
+
+def _png_16bit_colour(path: Path, img: Any) -> np.ndarray | None:
+    """16-bit RGB(A) PNG decoded at full depth (Pillow reduces it to 8 bits)."""
+    if img.format != "PNG":
+        return None
+    with open(path, "rb") as fh:
+        ihdr = fh.read(26)
+    if len(ihdr) < 26 or ihdr[24] != 16 or ihdr[25] not in (2, 4, 6):
+        return None  # not 16-bit colour / grey+alpha: Pillow keeps it exactly
+    try:
+        import imagecodecs
+
+        return imagecodecs.png_decode(path.read_bytes())
+    except ImportError:
+        return None
+    except Exception as exc:
+        raise ReadError(path, f"image data is corrupt or truncated: {exc}") from exc
 
 
 def _read_tiff(path: Path, notes: dict[str, Any]) -> np.ndarray:
