@@ -51,7 +51,7 @@ def test_add_search_matches_exact_and_manifest(tmp_path, vecs):
     idx = _build(tmp_path / "ix", vecs)
     hits = idx.search(vecs[:5], k=7)
     want = _exact_topk(vecs, vecs[:5], 7)
-    for row, w in zip(hits, want):
+    for row, w in zip(hits, want, strict=True):
         assert [h.case_id for h in row] == [f"case{j}" for j in w]
         assert row[0].score == pytest.approx(1.0, abs=1e-5)
         assert all(row[i].score >= row[i + 1].score for i in range(len(row) - 1))
@@ -157,7 +157,7 @@ def test_hnsw_above_threshold(tmp_path):
     hits = idx.search(x[:50], 10)
     want = _exact_topk(x, x[:50], 10)
     recall = np.mean([len({h.vector_id for h in row} & set(w.tolist())) / 10
-                      for row, w in zip(hits, want)])
+                      for row, w in zip(hits, want, strict=True)])
     assert recall >= 0.9
     assert all(row[0].vector_id == i for i, row in enumerate(hits))
     # filtered HNSW search only returns allowed ids

@@ -88,7 +88,7 @@ def test_every_image_retrieves_itself_first(corpus_index):
     assert all(r.thumbnail and r.thumbnail[:8] == b"\x89PNG\r\n\x1a\n" for r in recs.values())
     with CaseIndex.open(root) as idx:
         hits = idx.search(vecs, k=2)
-    for vid, row in zip(ids.tolist(), hits):
+    for vid, row in zip(ids.tolist(), hits, strict=True):
         assert row[0].vector_id == vid, (recs[vid].case_id, [(h.case_id, h.score) for h in row])
         assert row[0].score == pytest.approx(1.0, abs=1e-4)
 
