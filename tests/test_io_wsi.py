@@ -291,3 +291,24 @@ def test_dicom_wsi_sparse_tiling_uses_frame_positions(tmp_path):
     assert np.all(np.asarray(img.data[0][:th, : 3 * tw]) == 255)  # absent tiles
     np.testing.assert_array_equal(np.asarray(img.data[0][:th, 3 * tw :]),
                                   np.asarray(ref.data[0][:th, 3 * tw :]))
+
+
+def test_missing_decoder_is_reported_at_open(tmp_path):
+    """In an interpreter without imagecodecs, the JPEG 2000 SVS fails at open, not in napari."""
+    import subprocess
+    import sys
+
+    path = real_path("pathology/wsi/TCGA-CR-7395-01A-01-TS1_small.svs")
+    code = (
+        "import sys; sys.modules['imagecodecs'] = None\n"  # as if the package were not installed
+        "from pathlib import Path\n"
+        "from napari_medfm.errors import MissingDecoderError\n"
+        "from napari_medfm.io import wsi\n"
+        "try:\n"
+        f"    wsi.read(Path({str(path)!r}))\n"
+        "except MissingDecoderError as exc:\n"
+        "    print('MISSING', exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "MISSING" in out.stdout, out.stdout + out.stderr
+    assert path.name in out.stdout and "imagecodecs" in out.stdout

@@ -108,7 +108,7 @@ def is_wsi_tiff(path: Path) -> bool:
             if tf.is_ome and axes in ("YX", "YXS"):
                 return True
             page = tf.pages.first
-            return bool(page.is_tiled and max(page.shape[:2]) >= _LARGE_TIFF_SIDE)
+            return bool(page.is_tiled and max(page.imagelength, page.imagewidth) >= _LARGE_TIFF_SIDE)
     except Exception:
         return False
 
@@ -369,8 +369,8 @@ def _read_tiff(path: Path, min_level_size: int) -> MedicalImage:
     except Exception as exc:
         raise ReadError(path, f"cannot open slide pyramid: {exc}") from exc
 
-    try:  # prove tiles decode (imagecodecs present, data intact) with one small tile
-        last = levels[-1]
+    try:  # prove tiles decode (imagecodecs present, data intact): one tile of the smallest
+        last = levels[n_levels - 1]  # file level (same codec as full resolution)
         np.asarray(last[: min(64, last.shape[0]), : min(64, last.shape[1])])
     except Exception as exc:
         raise _decoder_error(path, exc) from exc
