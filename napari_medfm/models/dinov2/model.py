@@ -31,8 +31,9 @@ class Dinov2Encoder:
 
     def __init__(self, spec: Any, model: Any, processor: Any, *, weights_sha256: str,
                  device: Any = "cpu", weights_path: str | None = None,
-                 default_modality: str | None = None):
+                 default_modality: str | None = None, precision: str = "auto"):
         self.spec = spec
+        self.precision = precision
         self.model = model
         self.processor = processor
         self.weights_sha256 = weights_sha256
@@ -66,7 +67,9 @@ class Dinov2Encoder:
     def embed_pixels(self, pixel_values: Any) -> np.ndarray:
         import torch
 
-        with torch.inference_mode():
+        from ...runtime.device import autocast_context
+
+        with torch.inference_mode(), autocast_context(self.device, self.precision):
             out = self.model(pixel_values=pixel_values.to(self.device))
         return out.last_hidden_state[:, 0].float().cpu().numpy().astype(np.float32)
 
@@ -117,7 +120,7 @@ def load_folder(folder: str | Path, device: Any = "cpu") -> tuple[Any, Any]:
 
 
 def build(spec: Any, weights: Any = None, device: Any = None, *, modality: str | None = None,
-          **_: Any) -> Dinov2Encoder:
+          precision: str = "auto", **_: Any) -> Dinov2Encoder:
     """Registry builder: ``weights`` is the hub-layout folder (or its model.safetensors)."""
     from ...runtime.weights import WeightsManager
 
@@ -130,8 +133,11 @@ def build(spec: Any, weights: Any = None, device: Any = None, *, modality: str |
         folder = folder.parent
     if not folder.is_dir():
         raise WeightsError(f"{folder}: not a folder in hub layout")
-    dev = device or "cpu"
+    from ...runtime.device import pick_device
+
+    dev = pick_device(device)
     model, processor = load_folder(folder, dev)
     sha = wm.file_hash(folder / "model.safetensors")
     return Dinov2Encoder(spec, model, processor, weights_sha256=sha, device=dev,
-                         weights_path=str(folder), default_modality=modality)
+                         weights_path=str(folder), default_modality=modality,
+                         precision=precision)

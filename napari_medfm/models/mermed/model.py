@@ -211,8 +211,9 @@ class ViTEncoder2D:
     def __init__(self, spec: Any, vit: Any, *, weights_sha256: str | None, device: Any = "cpu",
                  input_size: int = 224, default_modality: str | None = None,
                  ct_window: tuple[float, float] = encoder2d.DEFAULT_CT_WINDOW,
-                 weights_path: str | None = None):
+                 weights_path: str | None = None, precision: str = "auto"):
         self.spec = spec
+        self.precision = precision
         self.model = vit
         self.weights_sha256 = weights_sha256
         self.weights_path = weights_path
@@ -239,10 +240,12 @@ class ViTEncoder2D:
         """Preprocessed ``(N, 3, S, S)`` -> CLS embeddings ``(N, D)`` float32."""
         import torch
 
+        from ...runtime.device import autocast_context
+
         t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
         if self.channels_last:
             t = t.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast_context(self.device, self.precision):
             feats = self.model.forward_features(t)
             cls = self.model.forward_head(feats, pre_logits=True)
         return cls.float().cpu().numpy().astype(np.float32)
@@ -281,20 +284,19 @@ def _resolve_weights(spec: Any, weights: Any) -> Path:
 
 
 def _pick_device(device: Any) -> Any:
-    if device is not None:
-        return device
-    try:
-        from ...runtime.device import pick_device
+    from ...runtime.device import pick_device
 
-        return pick_device()
-    except ImportError:
-        return "cpu"
+    return pick_device(device)
 
 
 def build(spec: Any, weights: Any = None, device: Any = None, *, vit_config: dict | None = None,
           checkpoint_key: str | None = None, modality: str | None = None,
-          num_heads: int | None = None, **_: Any) -> ViTEncoder2D:
-    """Registry builder: load MerMED-FM (``.pth`` training checkpoint or converted safetensors)."""
+          num_heads: int | None = None, precision: str = "auto", **_: Any) -> ViTEncoder2D:
+    """Registry builder: load MerMED-FM (``.pth`` training checkpoint or converted safetensors).
+
+    ``precision``: ``auto`` (fp32 on CPU, bf16/fp16 autocast on GPUs), ``fp32``, ``bf16``,
+    ``fp16``. ``vit_config``/``num_heads`` override the architecture read from the tensors.
+    """
     path = _resolve_weights(spec, weights)
     key = checkpoint_key or spec.extras.get("checkpoint_key", "teacher")
     sd, meta_cfg = read_backbone(path, key=key)
@@ -305,4 +307,4 @@ def build(spec: Any, weights: Any = None, device: Any = None, *, vit_config: dic
     log.info("loaded %s from %s (%s)", spec.id, path.name, cfg)
     return ViTEncoder2D(spec, vit, weights_sha256=file_sha256(path), device=dev,
                         input_size=int(cfg.get("img_size", spec.extras.get("input_size", 224))),
-                        default_modality=modality, weights_path=str(path))
+                        default_modality=modality, weights_path=str(path), precision=precision)
