@@ -40,6 +40,7 @@ def test_geometry_and_voxels_equal_simpleitk(rel):
     assert img.data.shape == arr.shape
     np.testing.assert_array_equal(img.data, arr)  # exact values even when narrowed
     assert img.data.dtype.itemsize <= arr.dtype.itemsize
+    assert img.data.flags.writeable and img.data.flags.owndata  # paintable, not ITK's buffer
     # voxel -> LPS mapping agrees with ITK at a far corner
     idx = np.array(arr.shape) - 1
     lps = img.geometry.index_to_physical(idx[::-1])

@@ -265,12 +265,22 @@ def _looks_like_labels(path: Path, arr: np.ndarray) -> bool:
 
 
 def _n_unique(arr: np.ndarray) -> int:
-    if arr.dtype.kind in "iu" and arr.size:
-        lo, hi = int(arr.min()), int(arr.max())
+    """Number of distinct values, in bounded memory (chunked histogram for integers)."""
+    flat = arr.reshape(-1)
+    if flat.size == 0:
+        return 0
+    if arr.dtype.kind in "iub":
+        lo, hi = int(flat.min()), int(flat.max())
         if hi - lo < 1 << 20:
-            return int(np.count_nonzero(np.bincount((arr.reshape(-1) - lo).astype(np.int64,
-                                                                                 copy=False))))
-    return int(np.unique(arr).size)
+            counts = np.zeros(hi - lo + 1, dtype=np.int64)
+            step = 1 << 22
+            for i in range(0, flat.size, step):
+                part = flat[i : i + step].astype(np.int64) - lo
+                counts += np.bincount(part, minlength=counts.size)
+            return int(np.count_nonzero(counts))
+    sample = flat[:: max(1, flat.size // 200_000)]
+    n = int(np.unique(sample).size)
+    return n if n > MAX_LABELS else int(np.unique(flat).size)
 
 
 # ---------------------------------------------------------------------------------- dtype
@@ -417,12 +427,14 @@ def read(
     if multi_layer and as_labels is not False:
         geometry = Geometry.from_sitk(image)
         arr, segments = _merge_slicer_layers(image, segments, notes)
+        view = None
         rgb = False
         original_dtype = image.GetPixelIDTypeAsString()
     else:
         image, rgb, notes = _to_scalar_image(p, image, channel)
         geometry = Geometry.from_sitk(image)
-        arr = sitk.GetArrayFromImage(image)
+        # a view of ITK's buffer: narrowing copies once into the smaller type (lower peak memory)
+        arr = view = sitk.GetArrayViewFromImage(image)
         original_dtype = str(arr.dtype)
 
     if rgb:
@@ -438,6 +450,8 @@ def read(
         arr = _narrow(arr, labels=False, integral_float=True)
     elif not rgb:
         arr = _narrow(arr, labels=is_label)
+    if view is not None and np.shares_memory(arr, view):
+        arr = np.array(arr)  # never hand out a view of the ITK image buffer
 
     metadata: dict[str, Any] = {
         "source_path": str(p),
