@@ -1,0 +1,337 @@
+"""Similar cases dock widget: query a similar-case index with the current image or a region.
+
+Thin: the query runs :func:`napari_medfm.tasks.retrieval.query.query_task` in a napari worker
+(cancel stops it between steps); the CLI twin is ``medfm index query``. The image sent to the
+model is built from the layer (data + its geometry from the layer transform); a rectangle of
+a Shapes layer is converted world -> pixel indices with that geometry, so the crop is right
+whatever the spacing, origin or orientation. For a 3D layer the slice shown in the viewer is
+used (2D encoders). Clicking a result opens that case as a new layer with its own geometry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import QSize, Qt
+from qtpy.QtGui import QIcon, QPixmap
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListView,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import MedfmError
+from ..geometry import Geometry, geometry_of_layer
+from ..io.types import MedicalImage
+from ._common import format_error, start_task
+
+_NONE = "(whole image)"
+_ANY = "(any)"
+_FROM_LAYER = "(from layer)"
+HIT_ROLE = Qt.ItemDataRole.UserRole
+
+
+def image_from_layer(layer: Any, current_index: int | None = None) -> MedicalImage:
+    """A 2D :class:`MedicalImage` from a napari Image layer (the shown slice of a volume)."""
+    md = dict(getattr(layer, "metadata", {}) or {})
+    rgb = bool(getattr(layer, "rgb", False))
+    if getattr(layer, "multiscale", False):
+        levels = list(layer.data)
+        geom = geometry_of_layer(layer)
+        return MedicalImage(levels, geom, modality=md.get("modality", "SM"), kind="wsi",
+                            name=layer.name, rgb=rgb, multiscale=True, metadata=md)
+    data = layer.data
+    geom = geometry_of_layer(layer)
+    spatial = data.ndim - (1 if rgb else 0)
+    if spatial == 3:
+        k = int(current_index if current_index is not None else data.shape[0] // 2)
+        k = min(max(k, 0), data.shape[0] - 1)
+        plane = np.asarray(data[k])
+        origin3 = geom.index_to_physical([0.0, 0.0, float(k)])
+        g2 = Geometry(geom.spacing[:2], tuple(origin3[:2]), _orthonormal_2d(geom.direction))
+        md["slice_index"] = k
+        return MedicalImage(plane, g2, modality=md.get("modality", "OT"), kind="image2d",
+                            name=f"{layer.name} [slice {k}]", rgb=rgb, metadata=md)
+    if spatial != 2:
+        raise MedfmError(f"{layer.name}: {spatial}D layers are not supported for similar cases")
+    return MedicalImage(np.asarray(data), geom, modality=md.get("modality", "OT"),
+                        kind="image2d", name=layer.name, rgb=rgb, metadata=md)
+
+
+def _orthonormal_2d(direction: np.ndarray) -> np.ndarray:
+    """In-plane 2x2 part of a 3D direction, re-orthonormalised (exact for axial slices)."""
+    d = np.asarray(direction, dtype=float)[:2, :2]
+    u, _, vt = np.linalg.svd(d)
+    return u @ vt
+
+
+def shape_world_corners(shapes: Any, index: int | None = None) -> np.ndarray:
+    """World coordinates (z/y/x order) of one shape's vertices (default: selected or last)."""
+    if not len(shapes.data):
+        raise MedfmError(f"{shapes.name}: draw a rectangle first")
+    sel = sorted(getattr(shapes, "selected_data", set()) or [])
+    i = index if index is not None else (sel[-1] if sel else len(shapes.data) - 1)
+    verts = np.asarray(shapes.data[i], dtype=float)
+    return np.asarray([shapes.data_to_world(v) for v in verts], dtype=float)
+
+
+class SimilarCasesWidget(QWidget):
+    """Pick an index folder, a layer (and optionally a Shapes rectangle), k and filters;
+    Search shows a gallery of the most similar cases; clicking one opens it."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.worker: Any = None
+        self.hits: list[Any] = []
+        self.last_query_image: MedicalImage | None = None
+
+        self.index_edit = QLineEdit()
+        self.index_edit.setPlaceholderText("index folder (medfm index build ...)")
+        self.browse_button = QPushButton("Browse...")
+        self.index_info = QLabel("")
+        self.index_info.setWordWrap(True)
+        self.layer_combo = QComboBox()
+        self.region_combo = QComboBox()
+        self.k_spin = QSpinBox()
+        self.k_spin.setRange(1, 200)
+        self.k_spin.setValue(10)
+        from ..models.encoder2d import MODALITY_NORMS
+
+        self.query_modality_combo = QComboBox()
+        self.query_modality_combo.addItem(_FROM_LAYER)
+        for m in MODALITY_NORMS:
+            self.query_modality_combo.addItem(m)
+        self.query_modality_combo.setToolTip(
+            "Modality used to normalise the query image (PNG/JPEG layers carry none)")
+        self.modality_combo = QComboBox()
+        self.modality_combo.addItem(_ANY)
+        self.label_edit = QLineEdit()
+        self.label_edit.setPlaceholderText("label / report text contains...")
+        self.weights_edit = QLineEdit()
+        self.weights_edit.setPlaceholderText("(weights recorded in the index)")
+        self.search_button = QPushButton("Find similar cases")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.gallery = QListWidget()
+        self.gallery.setViewMode(QListView.ViewMode.IconMode)
+        self.gallery.setIconSize(QSize(96, 96))
+        self.gallery.setResizeMode(QListView.ResizeMode.Adjust)
+        self.gallery.setWordWrap(True)
+        self.gallery.setGridSize(QSize(128, 150))
+
+        row = QHBoxLayout()
+        row.addWidget(self.index_edit)
+        row.addWidget(self.browse_button)
+        form = QFormLayout()
+        form.addRow("Index", row)
+        form.addRow("", self.index_info)
+        form.addRow("Image layer", self.layer_combo)
+        form.addRow("Region", self.region_combo)
+        form.addRow("Image is", self.query_modality_combo)
+        form.addRow("k", self.k_spin)
+        form.addRow("Only modality", self.modality_combo)
+        form.addRow("Label", self.label_edit)
+        form.addRow("Weights", self.weights_edit)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.search_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status)
+        layout.addWidget(self.gallery, 1)
+
+        self.browse_button.clicked.connect(self._browse)
+        self.index_edit.editingFinished.connect(self.refresh_index_info)
+        self.search_button.clicked.connect(lambda: self.search())
+        self.cancel_button.clicked.connect(self.cancel)
+        self.gallery.itemActivated.connect(self._open_item)
+        self.gallery.itemDoubleClicked.connect(self._open_item)
+        ev = self.viewer.layers.events
+        for name in ("inserted", "removed", "reordered"):
+            getattr(ev, name).connect(lambda _e=None: self._refresh_layers())
+        self._refresh_layers()
+
+    # ------------------------------------------------------------------ layers / index
+    def _refresh_layers(self) -> None:
+        from napari.layers import Image, Shapes
+
+        cur, reg = self.layer_combo.currentText(), self.region_combo.currentText()
+        self.layer_combo.clear()
+        self.region_combo.clear()
+        self.region_combo.addItem(_NONE)
+        for layer in self.viewer.layers:
+            if isinstance(layer, Image):
+                self.layer_combo.addItem(layer.name)
+            elif isinstance(layer, Shapes):
+                self.region_combo.addItem(layer.name)
+        active = self.viewer.layers.selection.active
+        if isinstance(active, Image) and not cur:
+            cur = active.name
+        for combo, text in ((self.layer_combo, cur), (self.region_combo, reg)):
+            i = combo.findText(text)
+            if i >= 0:
+                combo.setCurrentIndex(i)
+
+    def _browse(self) -> None:
+        d = QFileDialog.getExistingDirectory(self, "Similar-case index folder",
+                                             self.index_edit.text())
+        if d:
+            self.set_index(d)
+
+    def set_index(self, path: str | Path) -> None:
+        self.index_edit.setText(str(path))
+        self.refresh_index_info()
+
+    def refresh_index_info(self) -> dict[str, Any] | None:
+        from ..tasks.retrieval.index import CaseIndex
+
+        path = self.index_edit.text().strip()
+        if not path:
+            return None
+        try:
+            with CaseIndex.open(path) as idx:
+                info = idx.info()
+        except MedfmError as exc:
+            self.index_info.setText(format_error(exc))
+            return None
+        self.index_info.setText(f"{info['model_id']}: {info['cases']} cases "
+                                f"({info['index_type'] or 'not finalised'})")
+        cur = self.modality_combo.currentText()
+        self.modality_combo.clear()
+        self.modality_combo.addItem(_ANY)
+        for m in sorted(k for k in info["modalities"] if k):
+            self.modality_combo.addItem(m)
+        i = self.modality_combo.findText(cur)
+        self.modality_combo.setCurrentIndex(max(i, 0))
+        return info
+
+    # ------------------------------------------------------------------ query
+    def query_image(self) -> MedicalImage:
+        """The image (or region) that will be embedded, built from the chosen layers."""
+        from ..tasks.retrieval.query import crop_world_box
+
+        name = self.layer_combo.currentText()
+        if not name or name not in self.viewer.layers:
+            raise MedfmError("open an image first (no image layer selected)")
+        layer = self.viewer.layers[name]
+        k = None
+        if layer.ndim - (1 if getattr(layer, "rgb", False) else 0) == 3:
+            k = int(round(float(layer.world_to_data(self.viewer.dims.point)[0])))
+        image = image_from_layer(layer, k)
+        region = self.region_combo.currentText()
+        if region and region != _NONE and region in self.viewer.layers:
+            corners = shape_world_corners(self.viewer.layers[region])
+            image = crop_world_box(image, corners[:, -2:])
+        return image
+
+    def search(self) -> Any:
+        """Start the query in a worker; returns the worker (None if nothing to do)."""
+        from ..tasks.retrieval.query import query_task
+
+        index_dir = self.index_edit.text().strip()
+        if not index_dir:
+            self.status.setText("choose an index folder first")
+            return None
+        try:
+            image = self.query_image()
+        except MedfmError as exc:
+            self.status.setText(format_error(exc))
+            return None
+        self.last_query_image = image
+        mod = self.modality_combo.currentText()
+        qmod = self.query_modality_combo.currentText()
+        kw = {
+            "modality": None if qmod == _FROM_LAYER else qmod,
+            "weights": self.weights_edit.text().strip() or None,
+            "filter_modality": None if mod == _ANY else mod,
+            "label": self.label_edit.text().strip() or None,
+        }
+        k = self.k_spin.value()
+        self.search_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText("searching...")
+        self.worker = start_task(
+            lambda: query_task(index_dir, image, k, **kw),
+            on_result=self._show_hits,
+            on_error=self._on_error,
+            on_progress=lambda p: self.status.setText(p.message),
+            on_aborted=self._on_aborted,
+            description="similar cases",
+        )
+        return self.worker
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self.worker.quit()
+
+    def _done(self) -> None:
+        self.search_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+    def _on_error(self, exc: BaseException) -> None:
+        self._done()
+        self.status.setText(f"error: {format_error(exc)}")
+
+    def _on_aborted(self) -> None:
+        self._done()
+        self.status.setText("cancelled")
+
+    def _show_hits(self, hits: list[Any]) -> None:
+        self._done()
+        self.hits = list(hits)
+        self.gallery.clear()
+        for h in self.hits:
+            text = f"{h.rank}. {h.score:.3f}\n{Path(h.case_id).name}"
+            if h.labels:
+                text += f"\n{h.labels}"
+            item = QListWidgetItem(text)
+            item.setToolTip(f"{h.case_id}\n{h.source_path}\n{h.modality} {h.labels}".strip())
+            item.setData(HIT_ROLE, h.rank - 1)
+            if h.thumbnail:
+                pm = QPixmap()
+                if pm.loadFromData(h.thumbnail, "PNG"):
+                    item.setIcon(QIcon(pm))
+            self.gallery.addItem(item)
+        self.status.setText(f"{len(self.hits)} similar cases" if self.hits else "no matches")
+
+    # ------------------------------------------------------------------ open a case
+    def _open_item(self, item: QListWidgetItem) -> None:
+        self.open_hit(int(item.data(HIT_ROLE)))
+
+    def open_hit(self, i: int) -> list[Any]:
+        """Open result ``i`` as new layer(s) with the case's own geometry."""
+        from napari.layers import Layer
+
+        from .. import io as mio
+
+        h = self.hits[i]
+        try:
+            images = [im for im in mio.read(h.source_path) if not im.is_label]
+        except MedfmError as exc:
+            self.status.setText(f"cannot open {h.case_id}: {format_error(exc)}")
+            return []
+        k = int((h.extra or {}).get("image_index", 0))
+        images = images[k:k + 1] if k < len(images) else images[:1]
+        added = []
+        for im in images:
+            data, kwargs, kind = im.layer_data()
+            kwargs["name"] = f"similar #{h.rank}: {Path(h.case_id).name}"
+            added.append(self.viewer.add_layer(Layer.create(data, kwargs, kind)))
+        self.status.setText(f"opened {h.case_id}")
+        return added
