@@ -312,3 +312,62 @@ def test_missing_decoder_is_reported_at_open(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "MISSING" in out.stdout, out.stdout + out.stderr
     assert path.name in out.stdout and "imagecodecs" in out.stdout
+
+
+def _dicom_instance_from(ds, pixels: np.ndarray, tile: int, flavor: str):
+    """A new uncompressed instance of the same slide series holding ``pixels`` as tiles."""
+    import copy
+
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    out = copy.deepcopy(ds)
+    h, w = pixels.shape[:2]
+    n_rows, n_cols = -(-h // tile), -(-w // tile)
+    padded = np.full((n_rows * tile, n_cols * tile, 3), 255, np.uint8)
+    padded[:h, :w] = pixels
+    frames = padded.reshape(n_rows, tile, n_cols, tile, 3).swapaxes(1, 2).reshape(-1, tile, tile, 3)
+    out.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out.SOPInstanceUID = generate_uid()
+    out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    out.ImageType = ["DERIVED", "PRIMARY", flavor, "RESAMPLED" if flavor == "VOLUME" else "NONE"]
+    out.Rows = out.Columns = tile
+    out.TotalPixelMatrixRows, out.TotalPixelMatrixColumns = h, w
+    out.NumberOfFrames = len(frames)
+    out.PhotometricInterpretation = "RGB"
+    out.PlanarConfiguration = 0
+    out.PixelData = np.ascontiguousarray(frames).tobytes()
+    out["PixelData"].VR = "OB"
+    out["PixelData"].is_undefined_length = False
+    return out
+
+
+def test_dicom_wsi_levels_in_sibling_files_form_one_pyramid(tmp_path):
+    """Each DICOM pyramid level is its own instance of the series; opening any one finds all."""
+    from pydicom import dcmread
+
+    src = real_path(DICOM_WSI)
+    (single,) = wsi.read(src)
+    full = np.asarray(single.data[0])
+    h, w = (full.shape[0] // 2) * 2, (full.shape[1] // 2) * 2
+    half = np.round(full[:h, :w].astype(np.float64).reshape(h // 2, 2, w // 2, 2, 3)
+                    .mean(axis=(1, 3)) + 1e-9).astype(np.uint8)
+    ds = dcmread(str(src))
+    folder = tmp_path / "slide"
+    folder.mkdir()
+    level0 = folder / "level0.dcm"
+    level0.write_bytes(src.read_bytes())
+    _dicom_instance_from(ds, half, 256, "VOLUME").save_as(folder / "level1.dcm")
+    label = np.asarray(single.data[-1])[:120, :200]
+    _dicom_instance_from(ds, label, 256, "LABEL").save_as(folder / "label.dcm")
+    (folder / "notes.txt").write_text("not dicom")
+
+    for opened in (level0, folder / "level1.dcm"):
+        (img,) = wsi.read(opened)
+        assert img.metadata["file_levels"] == 2
+        assert img.data[0].shape == full.shape and img.data[1].shape == half.shape
+        assert img.metadata["source_files"] == [str(level0), str(folder / "level1.dcm")]
+        np.testing.assert_array_equal(np.asarray(img.data[1]), half)
+        np.testing.assert_array_equal(np.asarray(img.data[0][1000:1300, 2000:2400]),
+                                      full[1000:1300, 2000:2400])
+        assert img.metadata["associated_images"] == {"label": [120, 200, 3]}  # listed only
+        assert img.metadata["mpp"] == pytest.approx(single.metadata["mpp"])

@@ -453,7 +453,8 @@ def _dicom_tile_map(ds: Any, n_rows: int, n_cols: int, th: int, tw: int, nframes
     return mapping, warnings
 
 
-def _read_dicom_wsi(path: Path, min_level_size: int) -> MedicalImage:
+def _open_dicom_level(path: Path) -> tuple[Any, Any, list[str], str]:
+    """One DICOM WSI instance as a lazy dask array: (array, header, warnings, transfer syntax)."""
     import dask.array as da
 
     try:
@@ -502,8 +503,106 @@ def _read_dicom_wsi(path: Path, min_level_size: int) -> MedicalImage:
             tile = tile[..., 0]
         return np.ascontiguousarray(tile[:h, :w])
 
-    level0 = da.map_blocks(load, dtype=dtype, chunks=chunks,
-                           meta=np.empty((0,) * len(chunks), dtype=dtype))
+    level = da.map_blocks(load, dtype=dtype, chunks=chunks,
+                          meta=np.empty((0,) * len(chunks), dtype=dtype))
+    return level, ds, warnings, str(frames._reader.transfer_syntax_uid)
+
+
+_DICOM_SCAN_LIMIT = 500  # sibling files inspected when looking for the other pyramid levels
+
+
+def _image_flavor(ds: Any) -> str:
+    """DICOM WSI ImageType value 3: VOLUME (a pyramid level), LABEL, OVERVIEW, THUMBNAIL."""
+    it = ds.get("ImageType")
+    try:
+        return str(it[2]).upper() if it is not None and len(it) > 2 else "VOLUME"
+    except (TypeError, IndexError):
+        return "VOLUME"
+
+
+def _dicom_pyramid(path: Path) -> tuple[list[Path], dict[str, list[int]], list[str]]:
+    """Level files (largest first) of the slide ``path`` belongs to, plus associated images.
+
+    A DICOM slide stores each pyramid level (and label / overview images) as its own instance
+    in one series; instances beside ``path`` with the same SeriesInstanceUID are gathered.
+    """
+    import pydicom
+
+    tags = ["SeriesInstanceUID", "ImageType", "TotalPixelMatrixColumns", "TotalPixelMatrixRows",
+            "SamplesPerPixel", "SOPClassUID", "Rows", "Columns"]
+    mine = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=tags)
+    series = str(mine.get("SeriesInstanceUID", ""))
+    notes: list[str] = []
+    entries: list[tuple[Path, Any]] = [(path, mine)]
+    if series:
+        scanned = 0
+        for f in sorted(path.parent.iterdir()):
+            if f == path or not f.is_file():
+                continue
+            suffix = f.suffix.lower()
+            if not (suffix in _DICOM_SUFFIXES or suffix.lstrip(".").isdigit()):
+                continue
+            scanned += 1
+            if scanned > _DICOM_SCAN_LIMIT:
+                notes.append(f"more than {_DICOM_SCAN_LIMIT} files beside the slide; "
+                             "not all were checked for other pyramid levels")
+                break
+            if not _is_dicom_wsi(f):
+                continue
+            try:
+                ds = pydicom.dcmread(str(f), stop_before_pixels=True, specific_tags=tags)
+            except Exception:
+                continue
+            if str(ds.get("SeriesInstanceUID", "")) == series:
+                entries.append((f, ds))
+    levels: dict[tuple[int, int], Path] = {}
+    associated: dict[str, list[int]] = {}
+    for f, ds in entries:
+        flavor = _image_flavor(ds)
+        try:
+            shape = [int(ds.TotalPixelMatrixRows), int(ds.TotalPixelMatrixColumns),
+                     int(ds.get("SamplesPerPixel", 1))]
+        except (AttributeError, TypeError, ValueError):
+            shape = [int(ds.get("Rows", 0)), int(ds.get("Columns", 0)),
+                     int(ds.get("SamplesPerPixel", 1))]
+        is_level = flavor == "VOLUME" or (
+            f == path and flavor not in ("LABEL", "OVERVIEW", "THUMBNAIL"))
+        if is_level:
+            # one file per level size: other focal planes / optical paths of a level are
+            # skipped (the opened file, listed first, keeps its level)
+            levels.setdefault((shape[0], shape[1]), f)
+        else:
+            name = flavor.lower()
+            if name in associated:
+                name = f"{name}_{len(associated)}"
+            associated[name] = shape
+    if not levels:  # the opened file itself is a label / overview: show it alone
+        levels[(0, 0)] = path
+        associated = {}
+    ordered = [levels[k] for k in sorted(levels, key=lambda k: (-k[0] * k[1]))]
+    return ordered, associated, notes
+
+
+def _read_dicom_wsi(path: Path, min_level_size: int) -> MedicalImage:
+    try:
+        files, associated, notes = _dicom_pyramid(path)
+    except Exception:  # sibling scan is best effort; the opened file alone always works
+        files, associated, notes = [path], {}, []
+    opened = [_open_dicom_level(f) for f in files]
+    level_arrays = [o[0] for o in opened]
+    # drop levels that do not shrink monotonically (e.g. mismatched instances)
+    keep = [0]
+    for i in range(1, len(level_arrays)):
+        prev = level_arrays[keep[-1]].shape
+        cur = level_arrays[i].shape
+        if cur[0] < prev[0] and cur[1] < prev[1] and cur[2:] == prev[2:]:
+            keep.append(i)
+    files = [files[i] for i in keep]
+    level_arrays = [level_arrays[i] for i in keep]
+    _, ds, warnings, transfer_syntax = opened[0]
+    warnings = list(warnings) + notes
+    total_rows, total_cols = level_arrays[0].shape[:2]
+    tw = int(ds.Columns)
 
     facts: dict[str, Any] = {"mpp": None, "mpp_source": None, "objective_power": None,
                              "vendor": "dicom"}
@@ -523,18 +622,18 @@ def _read_dicom_wsi(path: Path, min_level_size: int) -> MedicalImage:
         facts["objective_power"] = _float_or_none(ds.OpticalPathSequence[0].ObjectiveLensPower)
     extra: dict[str, Any] = {
         "source_path": str(path),
-        "source_files": [str(path)],
+        "source_files": [str(f) for f in files],
         "sop_class_uid": str(ds.get("SOPClassUID", WSI_DICOM_SOP_CLASS)),
         "series_instance_uid": str(ds.get("SeriesInstanceUID", "")) or None,
         "study_instance_uid": str(ds.get("StudyInstanceUID", "")) or None,
         "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "")) or None,
-        "transfer_syntax": str(frames._reader.transfer_syntax_uid),
+        "transfer_syntax": transfer_syntax,
         "photometric": str(ds.get("PhotometricInterpretation", "")),
         "dicom_warnings": warnings,
     }
     if ds.get("ImageOrientationSlide") is not None:
         extra["image_orientation_slide"] = [float(v) for v in ds.ImageOrientationSlide]
-    return _make_image(path, [level0], facts, {}, tw, min_level_size, extra=extra)
+    return _make_image(path, level_arrays, facts, associated, tw, min_level_size, extra=extra)
 
 
 # ---------------------------------------------------------------------------------- common
