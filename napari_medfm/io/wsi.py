@@ -6,8 +6,9 @@ model tiler) asks for a region.
 
 * TIFF family: ``tifffile``'s zarr store (``TiffFile.series[0].aszarr()``), one dask array per
   pyramid level, full resolution first.
-* DICOM VL Whole Slide Microscopy (SOP class ``1.2.840.10008.5.1.4.1.1.77.1.6``), one file =
-  one level: frames read one by one with :class:`highdicom.io.ImageFileReader`.
+* DICOM VL Whole Slide Microscopy (SOP class ``1.2.840.10008.5.1.4.1.1.77.1.6``): one instance
+  per level, frames read one by one with :class:`highdicom.io.ImageFileReader`; the other levels
+  of the same series beside the opened file are gathered into the pyramid.
 * Slides whose file holds fewer levels than napari needs for a fast overview get one more level
   from the scanner's own *thumbnail* (when it covers the same field of view: SVS), then
   **derived** levels (2x2 mean of the previous level, computed lazily) until the smallest level
