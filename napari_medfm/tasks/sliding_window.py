@@ -11,8 +11,9 @@ stops the run within one batch; the CLI drains it with a progress bar.
 Memory: windows are cut from the input where it lives (usually the CPU), moved to ``sw_device``
 batch by batch, predicted (optionally under autocast), weighted and added straight into the
 output accumulator on ``device`` (default: the CPU) - the full-size volume never sits on the GPU.
-The accumulator is float32 ``(N, C, *spatial)`` plus one float32 weight map ``(1, 1, *spatial)``;
-normalisation happens in place at the end.
+The accumulator is float32 ``(N, C, *spatial)``; the summed blending weights are rebuilt slab
+by slab at the end and divided out in place, so no full-size weight map is stored (MONAI keeps
+one): peak memory is input + output + one window batch + one slab.
 
 torch and MONAI are imported on call, not at import time.
 """
@@ -63,6 +64,31 @@ def window_count(image_size: Sequence[int], roi_size: Sequence[int] | int,
     size = tuple(max(i, r) for i, r in zip(image_size, roi, strict=True))
     ov = ensure_tuple_rep(overlap, nd)
     return len(dense_patch_slices(size, roi, scan_interval(size, roi, ov)))
+
+
+def _normalise(output: Any, slices: Sequence[Sequence[slice]], importance: Any,
+               roi: Sequence[int]) -> None:
+    """Divide ``output`` in place by the summed window weights, one slab at a time.
+
+    The weight sum is built slab by slab along the first spatial axis (adding the windows'
+    importance maps in the same order as MONAI, hence bit-identical), so no full-size weight
+    map is ever allocated: peak memory stays at input + output + one slab.
+    """
+    import torch
+
+    size = output.shape[2]
+    step = max(int(roi[0]), 1)
+    for z0 in range(0, size, step):
+        z1 = min(z0 + step, size)
+        cnt = torch.zeros((1, 1, z1 - z0, *output.shape[3:]), dtype=output.dtype,
+                          device=output.device)
+        for sl in slices:
+            a, b = max(sl[0].start, z0), min(sl[0].stop, z1)
+            if a >= b:
+                continue
+            cnt[(slice(None), slice(None), slice(a - z0, b - z0), *sl[1:])] += \
+                importance[:, :, a - sl[0].start:b - sl[0].start]
+        output[:, :, z0:z1] /= cnt
 
 
 def sliding_window_gen(
@@ -144,7 +170,6 @@ def sliding_window_gen(
     importance_out = importance.to(device)
 
     output = None
-    count = None
     yield Progress(0, n_batches, f"0/{total_windows} {message}s")
     for b, start in enumerate(range(0, total_windows, sw_batch_size)):
         idxs = range(start, min(start + sw_batch_size, total_windows))
@@ -152,7 +177,7 @@ def sliding_window_gen(
         win = torch.cat([inputs[(slice(n, n + 1), slice(None), *sl)] for n, sl in where])
         win = win.to(sw_device)
         try:
-            with torch.inference_mode(), autocast_context(sw_device, precision):
+            with torch.no_grad(), autocast_context(sw_device, precision):
                 pred = predictor(win)
         except (RuntimeError, MemoryError) as exc:
             if is_oom(exc):
@@ -168,18 +193,14 @@ def sliding_window_gen(
         if output is None:
             output = torch.zeros((batch_size, pred.shape[1], *image_size), dtype=compute_dtype,
                                  device=device)
-            count = torch.zeros((1, 1, *image_size), dtype=compute_dtype, device=device)
-            for sl in slices:
-                count[(slice(None), slice(None), *sl)] += importance_out
-        pred = (pred * importance).to(device)
+        pred = pred.mul_(importance).to(device)
         for p, (n, sl) in zip(pred, where, strict=True):
             output[(slice(n, n + 1), slice(None), *sl)] += p[None]
         del pred, win
         yield Progress(b + 1, n_batches, f"{min(start + sw_batch_size, total_windows)}/"
                        f"{total_windows} {message}s")
 
-    output /= count
-    del count
+    _normalise(output, slices, importance_out, roi)
     if any(pad_size):
         crop = []
         for sp in range(nd):
