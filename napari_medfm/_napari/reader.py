@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MedfmError, ReadError
+from ..io.types import label_display_kwargs  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -22,44 +23,9 @@ PathOrPaths = str | Path | Sequence[str | Path]
 LayerDataTuple = tuple[Any, dict[str, Any], str]
 
 
-def label_display_kwargs(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Labels-layer kwargs showing the file's label colours and names (status bar).
-
-    ``metadata['label_colors']`` ({value: [r, g, b] 0-255}) becomes a direct colormap (values
-    without a colour are drawn yellow so that nothing painted is invisible) and
-    ``metadata['label_names']`` becomes the layer's ``features`` (napari shows the name of
-    the label under the cursor).
-    """
-    out: dict[str, Any] = {}
-    colors = metadata.get("label_colors") or {}
-    names = metadata.get("label_names") or {}
-    if colors:
-        from napari.utils.colormaps import DirectLabelColormap
-
-        table: dict[Any, Any] = {None: (1.0, 1.0, 0.0, 1.0), 0: (0.0, 0.0, 0.0, 0.0)}
-        for k, rgb in colors.items():
-            try:
-                key = int(k)
-                vals = [float(c) for c in list(rgb)[:3]]
-            except (TypeError, ValueError):
-                continue
-            scale = 255.0 if max(vals, default=0.0) > 1.0 else 1.0
-            table[key] = (*(v / scale for v in vals), 1.0)
-        out["colormap"] = DirectLabelColormap(color_dict=table)
-    if names:
-        items = sorted((int(k), str(v)) for k, v in names.items() if str(k).lstrip("-").isdigit())
-        if not any(k == 0 for k, _ in items):
-            items.insert(0, (0, "background"))
-        out["features"] = {"index": [k for k, _ in items], "name": [v for _, v in items]}
-    return out
-
-
 def layer_tuple(img: Any) -> LayerDataTuple:
-    """``img.layer_data()`` plus label colours/names for label maps."""
-    data, kwargs, kind = img.layer_data()
-    if kind == "labels":
-        kwargs.update(label_display_kwargs(kwargs.get("metadata") or {}))
-    return (data, kwargs, kind)
+    """``img.layer_data()`` (label maps carry their colours and names)."""
+    return img.layer_data()
 
 
 def _as_paths(path: PathOrPaths) -> list[Path]:

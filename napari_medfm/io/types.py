@@ -106,6 +106,7 @@ class MedicalImage:
         if self.is_label:
             kwargs = {"name": self.name, "metadata": md, "multiscale": self.multiscale}
             kwargs.update(geometry.napari_kwargs())
+            kwargs.update(label_display_kwargs(md))
             kwargs.update(extra)
             return (data, kwargs, "labels")
         kwargs: dict[str, Any] = {
@@ -183,3 +184,33 @@ def undo_display_transpose(data: Any, geometry: Geometry, metadata: dict[str, An
         return data, geometry
     inv = [int(i) for i in np.argsort(axes)]
     return data.transpose(inv), geometry.transposed(inv)
+
+
+def label_display_kwargs(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Labels-layer kwargs that show the label colours and names (no napari import).
+
+    ``metadata['label_colors']`` ({value: [r, g, b] 0-255}) becomes a direct colormap given as
+    a plain dict (napari turns it into a ``DirectLabelColormap``; values without a colour are
+    drawn yellow so that nothing painted is invisible) and ``metadata['label_names']`` becomes
+    the layer's ``features`` (napari shows the name of the label under the cursor).
+    """
+    out: dict[str, Any] = {}
+    colors = metadata.get("label_colors") or {}
+    names = metadata.get("label_names") or {}
+    if colors:
+        table: dict[Any, Any] = {None: (1.0, 1.0, 0.0, 1.0), 0: (0.0, 0.0, 0.0, 0.0)}
+        for k, rgb in colors.items():
+            try:
+                key = int(k)
+                vals = [float(c) for c in list(rgb)[:3]]
+            except (TypeError, ValueError):
+                continue
+            scale = 255.0 if max(vals, default=0.0) > 1.0 else 1.0
+            table[key] = (*(v / scale for v in vals), 1.0)
+        out["colormap"] = table
+    if names:
+        items = sorted((int(k), str(v)) for k, v in names.items() if str(k).lstrip("-").isdigit())
+        if not any(k == 0 for k, _ in items):
+            items.insert(0, (0, "background"))
+        out["features"] = {"index": [k for k, _ in items], "name": [v for _, v in items]}
+    return out
