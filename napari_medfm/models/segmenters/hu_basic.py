@@ -81,11 +81,6 @@ class HUParams:
     fat_range: tuple[float, float] = (-190.0, -30.0)
 
 
-def _radius(geometry: Geometry, mm: float) -> list[int]:
-    """Per-axis (x, y, z) kernel radius in voxels for a physical radius in mm (>= 0)."""
-    return [max(0, int(round(mm / s))) for s in geometry.spacing]
-
-
 def _axial_axis(geometry: Geometry) -> int:
     """numpy axis (0..2) whose image direction is closest to the patient S/I axis."""
     j = int(np.argmax(np.abs(geometry.direction[2, :])))  # image axis j in x/y/z order
@@ -113,35 +108,36 @@ def _from_sitk(img) -> np.ndarray:
     return sitk.GetArrayFromImage(img).astype(bool)
 
 
-def _morph(mask: np.ndarray, geometry: Geometry, mm: float, op: str) -> np.ndarray:
-    """Binary morphology with a ball of radius ``mm`` (per-axis voxels from the spacing).
-
-    Opening/closing are composed from erode/dilate with explicit border handling (outside
-    the image counts as background for opening, as foreground for the erosion of a closing, so
-    structures cut by the field of view are not eaten away).
-    """
+def _within(mask: np.ndarray, geometry: Geometry, mm: float) -> np.ndarray:
+    """Voxels within ``mm`` (Euclidean, physical units) of a True voxel: a dilation by a ball."""
     import SimpleITK as sitk
 
-    r = _radius(geometry, mm)
-    if not any(r):
-        return mask
-    img = _to_sitk(mask, geometry)
+    if not mask.any():
+        return np.zeros_like(mask, dtype=bool)
+    d = sitk.SignedMaurerDistanceMap(_to_sitk(mask, geometry), insideIsPositive=False,
+                                     squaredDistance=False, useImageSpacing=True)
+    return sitk.GetArrayViewFromImage(d) <= mm
 
-    def erode(im, border_fg: bool):
-        return sitk.BinaryErode(im, r, sitk.sitkBall, 0.0, 1.0, border_fg)
 
-    def dilate(im):
-        return sitk.BinaryDilate(im, r, sitk.sitkBall, 0.0, 1.0, False)
+def _morph(mask: np.ndarray, geometry: Geometry, mm: float, op: str) -> np.ndarray:
+    """Binary morphology with a Euclidean ball of radius ``mm`` in physical units.
 
+    Built from exact distance maps (SimpleITK Maurer, with the voxel spacing), so the kernel is a
+    true ball in millimetres on anisotropic grids; the radius is at least the finest voxel
+    spacing (one voxel). Erosion treats outside the field of view as foreground, so structures
+    cut by the image border are not eaten away from the cut.
+    """
+    r = max(float(mm), min(geometry.spacing)) * (1.0 + 1e-6)
+    mask = np.asarray(mask, dtype=bool)
+    if op == "dilate":
+        return _within(mask, geometry, r)
+    if op == "erode":
+        return ~_within(~mask, geometry, r)
     if op == "open":
-        out = dilate(erode(img, False))
-    elif op == "close":
-        out = erode(dilate(img), True)
-    elif op == "dilate":
-        out = dilate(img)
-    else:  # pragma: no cover - internal
-        raise ValueError(op)
-    return _from_sitk(out)
+        return _within(~_within(~mask, geometry, r), geometry, r)
+    if op == "close":
+        return ~_within(~_within(mask, geometry, r), geometry, r)
+    raise ValueError(op)  # pragma: no cover - internal
 
 
 def _components(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
