@@ -11,8 +11,8 @@ Labels (value -> name), mutually exclusive, on the CT's own voxel grid:
                gas pockets. Air outside the patient is background (0).
 ====  =======  ==================================================================================
 
-Method (all kernel sizes are given in millimetres and converted per axis from the spacing,
-so the result does not depend on the voxel size):
+Method (kernels are Euclidean balls in millimetres, built from exact distance maps that use the
+voxel spacing, so the result does not depend on the voxel size or its anisotropy):
 
 * **body**: HU > -500, a binary opening (radius 3 mm) detaches the table and blankets, the
   largest 3D component is kept, holes are filled slice by slice in the axial plane (the image
@@ -21,8 +21,8 @@ so the result does not depend on the voxel size):
   lung when (a) its median HU is that of aerated parenchyma (> -920 HU: lung holds vessels and
   interstitium; bowel gas is ~ -1000 HU, ~ -950 HU with partial volume and stool) and (b) its
   most superior point lies within 60 mm of the most superior gas in the body (lungs are the
-  highest gas-filled organs: bowel gas sits below the diaphragm), and (c) it holds at least 5 mL. The kept components are closed (5 mm) and
-  their holes (vessels) filled per axial slice. Limits: lungs full of fluid/consolidation are not
+  highest gas-filled organs: bowel gas sits below the diaphragm), and (c) it holds at least
+  5 mL. The kept components are closed (5 mm) and their holes (vessels) filled per axial slice. Limits: lungs full of fluid/consolidation are not
   gas and are missed; severe emphysema with a median below -920 HU needs ``lung_median_min``.
 * **bone**: HU above a voxel-size dependent threshold (:func:`bone_threshold`: 200 HU at 1 mm
   voxels, 150 HU at 3 mm), closed (2 mm), holes (marrow) filled per axial slice, components smaller
@@ -31,7 +31,8 @@ so the result does not depend on the voxel size):
 * **fat**: -190 .. -30 HU inside the body, not lung or bone.
 * **air**: remaining gas inside the body (HU < -500) that is not lung.
 
-Uses SimpleITK for thresholds, components and morphology; numpy/scipy only for bookkeeping.
+Uses SimpleITK for components and distance-map morphology; numpy/scipy for thresholds and the
+per-slice hole filling.
 """
 
 from __future__ import annotations
