@@ -232,3 +232,15 @@ def test_preprocessing_normalisation_window_and_channels():
     assert z.shape == (3, 20, 20) and z.mean() > 0.95
     assert encoder2d.canonical_modality("SM") == "pathology"
     assert encoder2d.canonical_modality("OT") is None
+
+
+def test_whole_slide_pyramid_uses_the_smallest_sufficient_level():
+    levels = [np.full((2000, 1600, 3), 10, np.uint8), np.full((500, 400, 3), 20, np.uint8),
+              np.full((125, 100, 3), 30, np.uint8)]
+    wsi = MedicalImage(levels, Geometry.identity(2), modality="SM", kind="wsi", rgb=True,
+                       multiscale=True)
+    assert encoder2d.select_plane(wsi, size=224)[0, 0, 0] == 20
+    assert encoder2d.select_plane(wsi, size=64)[0, 0, 0] == 30
+    assert encoder2d.select_plane(wsi, size=1000)[0, 0, 0] == 10
+    x = encoder2d.preprocess(wsi, size=224, mean=(0, 0, 0), std=(1, 1, 1))
+    np.testing.assert_allclose(x, 20 / 255, atol=1e-6)

@@ -136,3 +136,28 @@ def test_medfm_embed_with_mermed(weights, real_data, tmp_path, capsys):
     model = load_model("mermed", weights=weights)
     np.testing.assert_allclose(emb, model.embed(mio.read(src)[0])["image_embedding"],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_build_from_csv_with_labels_and_reports(weights, real_data, tmp_path, capsys):
+    tiles = sorted((real_data / "pathology/patches/tcga_CHOL_TCGA-3X-AAVA").glob("*.jpg"))[:3]
+    if len(tiles) < 3:
+        pytest.skip("corpus tiles missing")
+    csv_path = tmp_path / "cases.csv"
+    rows = ["path,labels,report,modality,case_id"]
+    for i, t in enumerate(tiles):
+        rows.append(f"{t},CHOL,tumour region tile {i} with glands,pathology,case-{i}")
+    csv_path.write_text("\n".join(rows) + "\n")
+    ix = tmp_path / "ix"
+    assert main(["index", "build", "--model", "mermed", "--weights", str(weights), "--index",
+                 str(ix), str(csv_path), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["index", "query", "--index", str(ix), str(tiles[1]), "--json", "-k", "3",
+                 "--modality", "pathology", "--label", "tile 1"]) == 0
+    hits = _json(capsys)["hits"]
+    assert [h["case_id"] for h in hits] == ["case-1"]
+    assert hits[0]["labels"] == "CHOL" and hits[0]["modality"] == "pathology"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,label\nx.png,a\n")
+    rc = main(["index", "build", "--model", "mermed", "--weights", str(weights), "--index",
+               str(tmp_path / "ix2"), str(bad), "--no-progress"])
+    assert rc == 2 and "'path' column" in capsys.readouterr().err
