@@ -53,6 +53,12 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 
+#: (faiss path, size, mtime_ns) -> sha256 already verified in this process (large indexes
+#: are hashed once per process, not at every query)
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+#: (faiss path, sha256) -> loaded faiss index, shared by queries of this process
+_LOADED: dict[tuple[str, str], Any] = {}
+
 MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
 SQLITE_FILE = "meta.sqlite"
@@ -75,15 +81,15 @@ CREATE TABLE IF NOT EXISTS failures(item_key TEXT PRIMARY KEY, error TEXT, chunk
 """
 
 
-class IndexError_(MedfmError):
-    """Base for index problems (named to avoid shadowing the builtin IndexError)."""
+class RetrievalIndexError(MedfmError):
+    """Base for similar-case index problems."""
 
 
-class IndexMismatchError(IndexError_):
+class IndexMismatchError(RetrievalIndexError):
     """Vectors from another model / weights / dimension were offered to an index."""
 
 
-class IndexCorruptError(IndexError_):
+class IndexCorruptError(RetrievalIndexError):
     """The index folder is incomplete (interrupted build) or its files do not match."""
 
 
@@ -562,7 +568,16 @@ class CaseIndex:
 
     def _faiss_file_ok(self, man: dict[str, Any]) -> bool:
         p = self.root / man.get("index_file", FAISS_FILE)
-        return p.is_file() and _sha256(p) == man.get("index_sha256")
+        if not p.is_file():
+            return False
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if _VERIFIED.get(key) == man.get("index_sha256"):
+            return True  # hashed already in this process and unchanged since
+        ok = _sha256(p) == man.get("index_sha256")
+        if ok:
+            _VERIFIED[key] = man["index_sha256"]
+        return ok
 
     def _write_manifest(self, man: dict[str, Any]) -> dict[str, Any]:
         man = dict(man)
@@ -591,7 +606,13 @@ class CaseIndex:
             raise IndexCorruptError(
                 f"{self.root}: {len(pending)} committed chunk(s) are not in the faiss index yet "
                 "(interrupted build). Run the build again to resume, or `medfm index rebuild`")
-        index = faiss.read_index(str(self.root / FAISS_FILE))
+        key = (str((self.root / FAISS_FILE).resolve()), man["index_sha256"])
+        index = _LOADED.get(key)
+        if index is None:
+            index = faiss.read_index(str(self.root / FAISS_FILE))
+            if len(_LOADED) >= 4:
+                _LOADED.pop(next(iter(_LOADED)))
+            _LOADED[key] = index
         self._manifest = man
         self._faiss = index
         return index
