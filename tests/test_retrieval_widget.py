@@ -74,7 +74,10 @@ def test_whole_image_query_gallery_and_open(make_napari_viewer, qtbot, index_dir
     _run(qtbot, w)
     assert w.gallery.count() == 2 and {h.modality for h in w.hits} == {"CXR"}
     n = len(viewer.layers)
-    w._open_item(w.gallery.item(0))
+    from qtpy.QtCore import Qt
+
+    rect = w.gallery.visualItemRect(w.gallery.item(0))
+    qtbot.mouseClick(w.gallery.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
     assert len(viewer.layers) == n + 1
     opened = viewer.layers[-1]
     ref = mio.read(w.hits[0].source_path)[0]

@@ -160,8 +160,7 @@ class SimilarCasesWidget(QWidget):
         self.index_edit.editingFinished.connect(self.refresh_index_info)
         self.search_button.clicked.connect(lambda: self.search())
         self.cancel_button.clicked.connect(self.cancel)
-        self.gallery.itemActivated.connect(self._open_item)
-        self.gallery.itemDoubleClicked.connect(self._open_item)
+        self.gallery.itemClicked.connect(self._open_item)
         ev = self.viewer.layers.events
         for name in ("inserted", "removed", "reordered"):
             getattr(ev, name).connect(lambda _e=None: self._refresh_layers())

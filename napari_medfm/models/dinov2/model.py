@@ -139,5 +139,5 @@ def build(spec: Any, weights: Any = None, device: Any = None, *, modality: str |
     model, processor = load_folder(folder, dev)
     sha = wm.file_hash(folder / "model.safetensors")
     return Dinov2Encoder(spec, model, processor, weights_sha256=sha, device=dev,
-                         weights_path=str(folder), default_modality=modality,
+                         weights_path=str(folder.resolve()), default_modality=modality,
                          precision=precision)

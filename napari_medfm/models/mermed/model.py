@@ -307,4 +307,5 @@ def build(spec: Any, weights: Any = None, device: Any = None, *, vit_config: dic
     log.info("loaded %s from %s (%s)", spec.id, path.name, cfg)
     return ViTEncoder2D(spec, vit, weights_sha256=file_sha256(path), device=dev,
                         input_size=int(cfg.get("img_size", spec.extras.get("input_size", 224))),
-                        default_modality=modality, weights_path=str(path), precision=precision)
+                        default_modality=modality, weights_path=str(path.resolve()),
+                        precision=precision)
