@@ -232,3 +232,19 @@ def test_ct_volume_slices_and_mixed_model_refusal(model, real_data, tmp_path):
     other = load_model("mermed", weights=tiny_mermed_checkpoint(tmp_path / "other.pth", seed=9))
     with pytest.raises(IndexMismatchError, match="refusing to mix"):
         drain(build_index(tmp_path / "ct", other, items, slice_index="middle"))
+
+
+def test_bad_input_in_a_batch_is_skipped_and_recorded(model, real_data, tmp_path):
+    ct = real_data / "ct" / "totalseg_nifti" / "example_ct_sm.nii.gz"
+    cxr = real_data / "cxr" / "tbx11k"
+    if not ct.exists() or not cxr.exists():
+        pytest.skip("corpus files missing")
+    items = collect_inputs([cxr, ct])
+    res = drain(build_index(tmp_path / "ix", model, items, batch_size=8))
+    assert res.added == 2 and len(res.failed) == 1
+    key, err = res.failed[0]
+    assert key.endswith("example_ct_sm.nii.gz") and "3D" in err
+    with CaseIndex.open(tmp_path / "ix") as idx:
+        assert idx.failures() == [(key, err)] and idx.count() == 2
+    again = drain(build_index(tmp_path / "ix", model, items, batch_size=8))
+    assert again.added == 0 and again.skipped == 3  # failures are not retried on resume

@@ -242,10 +242,10 @@ def read_item(item: CaseItem) -> list[tuple[CaseRecord, Any]]:
 
 
 def _embed_safely(model: Any, pairs: list[tuple[CaseRecord, Any]], slice_index: Any,
-                  ) -> tuple[np.ndarray | None, list[int], list[str]]:
+                  ) -> tuple[np.ndarray | None, list[int], list[tuple[int, str]]]:
     """Embed a batch; on a model error fall back to one image at a time to isolate it.
 
-    Returns (vectors of the good ones, indices of good ones, errors per bad index as str).
+    Returns (vectors of the good ones, their indices, (index, error) of the bad ones).
     """
     mods = [r.modality or None for r, _ in pairs]
     try:
@@ -259,7 +259,7 @@ def _embed_safely(model: Any, pairs: list[tuple[CaseRecord, Any]], slice_index: 
             vecs.append(model.embed_batch([im], modality=[mods[i]], slice_index=slice_index)[0])
             good.append(i)
         except MedfmError as exc:
-            errs.append(f"{i}:{exc}")
+            errs.append((i, str(exc)))
     return (np.stack(vecs) if vecs else None), good, errs
 
 
@@ -336,8 +336,7 @@ def build_index(
                     owner += [it] * len(got)
                 if pairs:
                     v, good, errs = _embed_safely(model, pairs, slice_index)
-                    bad_items = {owner[int(e.split(':', 1)[0])].key: e.split(':', 1)[1]
-                                 for e in errs}
+                    bad_items = {owner[i].key: err for i, err in errs}
                     for gi, vi in zip(good, range(len(good)), strict=False):
                         rec, im = pairs[gi]
                         if owner[gi].key in bad_items:
