@@ -127,7 +127,9 @@ class MerlinModel:
         self.weights_path = Path(weights_path)
         self.preprocess_config = preprocess_config
         self.net = image_net.eval().to(device)
-        self.fast = fuse_for_inference(self.net).to(device) if fast else None
+        # CPU-tuned fused blocks for fp32 on the CPU; BN-folded standard convolutions elsewhere
+        cpu_fp32 = device.type == "cpu" and self.dtype == torch.float32
+        self.fast = fuse_for_inference(self.net, cpu=cpu_fp32).to(device) if fast else None
         self._text_allowed = text is not False
         self._tokenizer_dir = tokenizer_dir
         self.text_net: MerlinTextEncoder | None = None

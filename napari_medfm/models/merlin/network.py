@@ -179,24 +179,86 @@ def _fold(conv: nn.Conv3d, bn: nn.BatchNorm3d) -> nn.Conv3d:
     return out
 
 
-class _FusedBlock(nn.Module):
-    def __init__(self, block: Bottleneck3d) -> None:
+def _has_mkldnn_pointwise() -> bool:
+    return bool(torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+def _conv_relu(conv: nn.Conv3d, x: torch.Tensor, cpu_fused: bool) -> torch.Tensor:
+    """ReLU(conv(x)); on the CPU one oneDNN call with the ReLU fused into the convolution."""
+    if cpu_fused and x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, conv.weight, conv.bias, list(conv.padding), list(conv.stride),
+            list(conv.dilation), conv.groups, "relu", [], "")
+    return torch.relu_(conv(x))
+
+
+class _Pointwise(nn.Module):
+    """A folded 1x1x1 convolution kept as a (Cout, Cin) matrix: one GEMM per sample."""
+
+    def __init__(self, conv: nn.Conv3d) -> None:
         super().__init__()
-        self.conv1 = _fold(block.conv1, block.bn1)
-        self.conv2 = _fold(block.conv2, block.bn2)
-        self.conv3 = _fold(block.conv3, block.bn3)
-        self.down = None if block.downsample is None else _fold(block.downsample[0],
-                                                                block.downsample[1])
+        self.stride = conv.stride[0]
+        self.weight = nn.Parameter(conv.weight.detach().flatten(1).clone(), requires_grad=False)
+        self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def sub(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stride
+        return x if s == 1 else x[:, :, ::s, ::s, ::s].contiguous()
+
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        x = self.sub(x)
+        n, c, d, h, w = x.shape
+        out = x.new_empty((n, self.weight.shape[0], d, h, w))
+        for i in range(n):
+            o = out[i].view(self.weight.shape[0], -1)
+            torch.addmm(self.bias[:, None], self.weight, x[i].reshape(c, -1), out=o)
+            if relu:
+                o.relu_()
+        return out
+
+    def accumulate(self, into: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``into += conv(x)`` (bias included), in place, then ReLU: the residual tail."""
+        n, c = x.shape[:2]
+        for i in range(n):
+            o = into[i].view(self.weight.shape[0], -1)
+            o.addmm_(self.weight, x[i].reshape(c, -1))
+            o.add_(self.bias[:, None]).relu_()
+        return into
+
+
+class _FusedBlock(nn.Module):
+    def __init__(self, block: Bottleneck3d, cpu: bool) -> None:
+        super().__init__()
+        self.cpu = cpu
+        self.cpu_fused = cpu and _has_mkldnn_pointwise()
+        c1, c2, c3 = (_fold(block.conv1, block.bn1), _fold(block.conv2, block.bn2),
+                      _fold(block.conv3, block.bn3))
+        down = None if block.downsample is None else _fold(block.downsample[0],
+                                                           block.downsample[1])
+        if cpu:  # 1x1x1 convolutions as GEMMs (oneDNN's 3D path does not take them)
+            self.conv1, self.conv3 = _Pointwise(c1), _Pointwise(c3)
+            self.down = None if down is None else _Pointwise(down)
+        else:
+            self.conv1, self.conv3, self.down = c1, c3, down
+        self.conv2 = c2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu_(self.conv1(x))
-        out = torch.relu_(self.conv2(out))
-        out = self.conv3(out)
+        if not self.cpu:
+            out = torch.relu_(self.conv1(x))
+            out = torch.relu_(self.conv2(out))
+            out = self.conv3(out)
+            identity = x if self.down is None else self.down(x)
+            del x
+            out += identity
+            del identity
+            return torch.relu_(out)
+        out = self.conv1(x, relu=True)
+        out = _conv_relu(self.conv2, out, self.cpu_fused)
+        # the block input is an intermediate we own: the residual is accumulated into it
         identity = x if self.down is None else self.down(x)
-        del x  # let the block input go as early as possible
-        out += identity
-        del identity
-        return torch.relu_(out)
+        del x
+        return self.conv3.accumulate(identity, out)
 
 
 class FusedI3DResNet(nn.Module):
@@ -205,13 +267,17 @@ class FusedI3DResNet(nn.Module):
     * batch norms folded into the preceding convolutions;
     * the channel repeat folded into ``conv1`` (sum of its three input-channel kernels), so the
       stem convolves one channel instead of three identical ones;
-    * in-place ReLU/residual add, intermediates released early;
-    * optional ``channels_last_3d`` memory format (oneDNN's preferred layout on CPU).
+    * ``cpu=True`` (float32 on the CPU): 1x1x1 convolutions run as GEMMs, the 3x3x3 ones as
+      oneDNN convolutions with the ReLU fused, and each residual is accumulated in place into
+      the block input (``addmm_``) - no BN, copy or separate add passes over the big maps;
+    * intermediates released as early as possible.
     """
 
-    def __init__(self, model: I3DResNet, channels_last: bool = False) -> None:
+    def __init__(self, model: I3DResNet, cpu: bool = True) -> None:
         super().__init__()
         self.config = model.config
+        self.cpu = cpu
+        self.cpu_fused = cpu and _has_mkldnn_pointwise()
         conv1 = _fold(model.conv1, model.bn1)
         single = nn.Conv3d(1, conv1.out_channels, conv1.kernel_size, stride=conv1.stride,
                            padding=conv1.padding, bias=True)
@@ -221,20 +287,17 @@ class FusedI3DResNet(nn.Module):
         self.conv1 = single
         self.maxpool = copy.deepcopy(model.maxpool)
         self.blocks = nn.ModuleList(
-            _FusedBlock(b) for i in range(1, 5) for b in getattr(model, f"layer{i}")
+            _FusedBlock(b, cpu) for i in range(1, 5) for b in getattr(model, f"layer{i}")
         )
         self.classifier = copy.deepcopy(model.classifier)
         self.contrastive_head = copy.deepcopy(model.contrastive_head)
-        self.channels_last = channels_last
-        if channels_last:
-            self.to(memory_format=torch.channels_last_3d)
+        for p in self.parameters():
+            p.requires_grad_(False)
         self.eval()
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        x = I3DResNet.to_network_layout(x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        x = self.maxpool(torch.relu_(self.conv1(x)))
+        x = I3DResNet.to_network_layout(x).contiguous()
+        x = self.maxpool(_conv_relu(self.conv1, x, self.cpu_fused))
         for blk in self.blocks:
             x = blk(x)
         return x
@@ -248,6 +311,11 @@ class FusedI3DResNet(nn.Module):
         return out
 
 
-def fuse_for_inference(model: I3DResNet, channels_last: bool = False) -> FusedI3DResNet:
-    """Build the fused inference twin of ``model`` (``model`` itself is left unchanged)."""
-    return FusedI3DResNet(model.eval(), channels_last=channels_last)
+def fuse_for_inference(model: I3DResNet, cpu: bool | None = None) -> FusedI3DResNet:
+    """Build the fused inference twin of ``model`` (``model`` itself is left unchanged).
+
+    ``cpu``: use the CPU-tuned blocks (default: when ``model`` is on the CPU).
+    """
+    if cpu is None:
+        cpu = next(model.parameters()).device.type == "cpu"
+    return FusedI3DResNet(model.eval(), cpu=cpu)
