@@ -126,10 +126,14 @@ class MerlinModel:
         self.image_config, self.text_config = CONFIGS[config_name]
         self.weights_path = Path(weights_path)
         self.preprocess_config = preprocess_config
-        self.net = image_net.eval().to(device)
-        # CPU-tuned fused blocks for fp32 on the CPU; BN-folded standard convolutions elsewhere
+        image_net = image_net.eval().to(device)
+        self._heads: _Heads | None = _Heads(image_net)
+        # CPU-tuned fused blocks for fp32 on the CPU; BN-folded standard convolutions elsewhere;
+        # the unfused network is then released (half the memory); ``net`` rebuilds it on demand
         cpu_fp32 = device.type == "cpu" and self.dtype == torch.float32
-        self.fast = fuse_for_inference(self.net, cpu=cpu_fp32).to(device) if fast else None
+        self.fast = fuse_for_inference(image_net, cpu=cpu_fp32).to(device) if fast else None
+        self._net: I3DResNet | None = None if fast else image_net
+        del image_net
         self._text_allowed = text is not False
         self._tokenizer_dir = tokenizer_dir
         self.text_net: MerlinTextEncoder | None = None
@@ -138,7 +142,6 @@ class MerlinModel:
         self.five_year_path = five_year_path
         self._five_year: I3DResNet | None = None
         self._sha256: str | None = None
-        self._heads: _Heads | None = None
         if text:
             self.load_text()
 
@@ -151,6 +154,25 @@ class MerlinModel:
 
             self._sha256 = WeightsManager().file_hash(self.weights_path)
         return self._sha256
+
+    @property
+    def net(self) -> I3DResNet:
+        """The plain (unfused) image tower with the released weights.
+
+        With the fast path on, it is rebuilt from the checkpoint at each access (reference and
+        tests only); inference uses the fused twin.
+        """
+        if self._net is not None:
+            return self._net
+        from ...runtime.safe_load import extract_prefix, load_state_dict, load_strict
+
+        net = I3DResNet(self.image_config)
+        load_strict(net, extract_prefix(load_state_dict(self.weights_path), IMAGE_PREFIX),
+                    what=self.weights_path.name)
+        return net.eval().to(self.device)
+
+    def _image_tower(self) -> nn.Module:
+        return self.fast if self.fast is not None else self.net
 
     @property
     def has_text(self) -> bool:
@@ -194,7 +216,7 @@ class MerlinModel:
 
         h, w, d = self.preprocess_config.spatial_size
         stem = self.image_config.widths[0] * d * (h // 2) * (w // 2)  # conv1 output
-        n_params = sum(p.numel() for p in self.net.parameters())
+        n_params = sum(p.numel() for p in self._image_tower().parameters())
         bytes_ = estimate_memory(n_params * (2 if self.fast is not None else 1), 3 * stem,
                                  dtype_bytes=2 if self.dtype != torch.float32 else 4)
         return check_memory(bytes_, self.device, "Merlin's image tower")
@@ -206,7 +228,7 @@ class MerlinModel:
         if x.ndim == 4:
             x = x[None]
         x = x.to(self.device, non_blocking=True)
-        net = self.fast if self.fast is not None else self.net
+        net = self._image_tower()
         out = self._run(lambda: net(x), "Merlin's image tower")
         res = {
             "image_embedding": out["image_embedding"][0].float().cpu().numpy(),
@@ -234,12 +256,12 @@ class MerlinModel:
                 f"need Merlin's CLIP checkpoint {CLIP_CHECKPOINT}")
         with_pooler = any(k.startswith("encode_text.text_encoder.pooler.") for k in sd)
         text = MerlinTextEncoder(self.text_config, with_pooler=with_pooler)
-        clip = MerlinCLIP(self.net.cpu(), text)
+        clip = MerlinCLIP(I3DResNet(self.image_config), text)
         if _POSITION_IDS in sd and _POSITION_IDS not in clip.state_dict():
             # older transformers saved this constant arange buffer; it is not a weight
             sd = {k: v for k, v in sd.items() if k != _POSITION_IDS}
         load_strict(clip, sd, what=self.weights_path.name)
-        self.net.to(self.device)
+        del clip, sd  # the image half was only needed to check the whole checkpoint
         self.text_net = text.eval().to(self.device)
         tok_dir = find_tokenizer_dir(self._tokenizer_dir, self.weights_path)
         self.tokenizer = load_tokenizer(tok_dir, self.text_config.max_length)
@@ -349,11 +371,9 @@ class MerlinModel:
         pre = pre if pre is not None else self.prepare(image)
         if tokens is None:
             x = pre.tensor[None].to(self.device)
-            net = self.fast if self.fast is not None else self.net
+            net = self._image_tower()
             tokens = self._run(lambda: net.trunk(x)[0].float().cpu().numpy(), "Merlin")
         fmap = torch.as_tensor(np.asarray(tokens), dtype=torch.float32)[None]
-        if self._heads is None:
-            self._heads = _Heads(self.net)
         score_fn, label = self._score_fn(finding, prompts, self._heads)
         cam = grad_cam(fmap, score_fn, tuple(pre.tensor.shape[1:]))
         return to_source_grid(cam, pre.affine_ras, image, name=f"why: {label}",
