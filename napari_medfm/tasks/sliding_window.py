@@ -77,7 +77,7 @@ def _normalise(output: Any, slices: Sequence[Sequence[slice]], importance: Any,
     import torch
 
     size = output.shape[2]
-    step = max(int(roi[0]), 1)
+    step = max(int(roi[0]), -(-size // 4), 1)  # <= 4 slabs: few split windows, small slabs
     for z0 in range(0, size, step):
         z1 = min(z0 + step, size)
         cnt = torch.zeros((1, 1, z1 - z0, *output.shape[3:]), dtype=output.dtype,
