@@ -443,7 +443,7 @@ class NetworkSegmenter(Segmenter):
         from monai.transforms import Orientation, ScaleIntensityRange, Spacing
 
         x = to_metatensor(image)[None]  # (1, X, Y, Z)
-        x = Orientation(axcodes="RAS")(x)
+        x = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
         if self.spacing:
             x = Spacing(pixdim=self.spacing, mode="bilinear")(x)
         if self.intensity:
