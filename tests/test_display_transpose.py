@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import real_path
 
 from napari_medfm.geometry import Geometry
 from napari_medfm.io.types import MedicalImage
-
-from conftest import real_path
 
 CORONAL = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], float)  # rows run head -> foot
 SAGITTAL = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)

@@ -33,33 +33,10 @@ def qt_binding() -> str:
 
 
 def devices() -> list[dict[str, Any]]:
-    """Compute devices torch can see, with memory in GiB."""
-    out: list[dict[str, Any]] = []
-    try:
-        import psutil
+    """Compute devices torch can see, with memory in GiB (the runtime's one description)."""
+    from ..runtime.device import describe_devices
 
-        mem = psutil.virtual_memory()
-        out.append({"device": "cpu", "name": platform.processor() or platform.machine(),
-                    "memory_gib": round(mem.total / 2**30, 1),
-                    "available_gib": round(mem.available / 2**30, 1)})
-    except Exception:
-        out.append({"device": "cpu"})
-    try:
-        import torch
-    except Exception:
-        return out
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            free, total = torch.cuda.mem_get_info(i)
-            out.append({"device": f"cuda:{i}", "name": p.name,
-                        "memory_gib": round(total / 2**30, 1),
-                        "available_gib": round(free / 2**30, 1),
-                        "bf16": bool(torch.cuda.is_bf16_supported())})
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        out.append({"device": "mps", "name": "Apple GPU"})
-    return out
+    return describe_devices()
 
 
 def collect() -> dict[str, Any]:
