@@ -105,3 +105,32 @@ def test_bundle_folder_errors(tmp_path, bundle):
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert label_names_from_metadata(meta) == {1: "soft tissue", 2: "dense"}
     assert label_names_from_metadata({}) == {}
+
+
+def test_bundle_without_invertd_is_resampled_onto_source_grid(tmp_path):
+    """No Invertd in the bundle: our nearest-neighbour resampling == MONAI's Invertd(nearest).
+
+    3.5 mm network grid vs the 3 mm CT: no source voxel centre falls exactly half-way between
+    two network voxels, so both nearest-neighbour implementations must agree voxel for voxel.
+    """
+    from napari_medfm.io import volume
+    from napari_medfm.models.segmenters.bundle import write_demo_bundle
+    from napari_medfm.tasks.segment import segment
+
+    bundle = write_demo_bundle(tmp_path / "b35", roi_size=(32, 32, 32), pixdim=(3.5, 3.5, 3.5))
+    img = volume.read(real_path(CT))[0]
+    cfg_path = bundle / "configs" / "inference.json"
+    cfg = json.loads(cfg_path.read_text())
+    act, inv, disc, save = cfg["postprocessing"]["transforms"]
+    assert inv["_target_"] == "Invertd" and disc["_target_"] == "AsDiscreted"
+    # reference: argmax in the network's space, then MONAI inverts the labels nearest-neighbour
+    cfg["postprocessing"]["transforms"] = [act, disc, dict(inv, nearest_interp=True), save]
+    cfg_path.write_text(json.dumps(cfg))
+    ref = drain(segment(img, f"bundle:{bundle}"))
+    cfg["postprocessing"]["transforms"] = [act, disc, save]  # no Invertd at all
+    cfg_path.write_text(json.dumps(cfg))
+    without = drain(segment(img, f"bundle:{bundle}"))
+    assert without.geometry == img.geometry and without.labels.shape == img.shape
+    assert len(np.unique(ref.labels)) >= 2
+    assert getattr(without, "model_id", "").startswith("bundle:")
+    assert (without.labels == ref.labels).mean() > 0.999

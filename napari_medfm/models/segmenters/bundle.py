@@ -20,6 +20,9 @@ with three substitutions so it runs on an in-memory image with progress and canc
 3. **Writers (SaveImage/SaveImaged) are dropped** from the post-processing: the plugin writes
    outputs itself (NIfTI/NRRD/DICOM-SEG on the source geometry).
 
+The result goes back onto the input grid through the bundle's own ``Invertd``; a bundle without
+it gets its labels resampled nearest-neighbour (SimpleITK) from the prediction's affine grid.
+
 Label names come from ``metadata.json`` -> ``network_data_format.outputs.pred.channel_def``
 (``{"0": "background", "1": "spleen"}``); channel ``k`` after argmax is label value ``k``.
 
@@ -273,24 +276,37 @@ class BundleSegmenter(Segmenter):
         arr = res.detach().cpu().numpy() if isinstance(res, torch.Tensor) else np.asarray(res)
         if arr.ndim == 4:
             arr = arr[0] if arr.shape[0] == 1 else np.argmax(arr, axis=0)
-        self._check_grid(res, arr, image)
-        labels = np.rint(np.transpose(arr, (2, 1, 0))).astype(np.int32)
+        arr = np.rint(arr).astype(np.int32)
+        labels = self._to_source_grid(res, arr, image)
         yield Progress(total, total, "done")
         return labels
 
-    def _check_grid(self, res: Any, arr: np.ndarray, image: MedicalImage) -> None:
-        want = tuple(image.shape[::-1])
-        if tuple(arr.shape) != want:
-            raise GeometryError(
-                f"{self.model_id}: the bundle's post-processing returned shape {arr.shape} (x, y, "
-                f"z) but the image is {want}; add Invertd to its postprocessing so predictions "
-                "go back to the input grid")
+    def _to_source_grid(self, res: Any, arr_xyz: np.ndarray, image: MedicalImage) -> np.ndarray:
+        """Labels in numpy order on the image grid.
+
+        With ``Invertd`` in the bundle's post-processing the prediction is already there; without
+        it, the labels are resampled nearest-neighbour from the prediction's own grid (its
+        affine) onto the source grid with SimpleITK.
+        """
+        from ...geometry import Geometry
+        from ...tasks.segment import resample_labels_to
+
         aff = getattr(res, "affine", None)
-        if aff is not None:
-            got = np.asarray(aff, dtype=float)
-            if not np.allclose(got, image.geometry.affine_ras(), atol=1e-3):
-                raise GeometryError(f"{self.model_id}: prediction affine does not match the "
-                                    "input's (Invertd missing from the bundle's postprocessing?)")
+        same_shape = tuple(arr_xyz.shape) == tuple(image.shape[::-1])
+        if aff is None:
+            if not same_shape:
+                raise GeometryError(
+                    f"{self.model_id}: the bundle returned shape {arr_xyz.shape} (x, y, z) without "
+                    f"an affine for an image of {image.shape[::-1]}; cannot place it on the input")
+            return np.transpose(arr_xyz, (2, 1, 0))
+        got = np.asarray(aff, dtype=float)
+        if same_shape and np.allclose(got, image.geometry.affine_ras(), atol=1e-3):
+            return np.transpose(arr_xyz, (2, 1, 0))
+        if np.abs(arr_xyz).max(initial=0) > 65535 or arr_xyz.min(initial=0) < 0:
+            raise GeometryError(f"{self.model_id}: label values out of range for resampling")
+        self.resampled = True
+        return resample_labels_to(arr_xyz.astype(np.uint16), Geometry.from_affine_ras(got),
+                                  image.geometry, image.shape).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- demo bundle
