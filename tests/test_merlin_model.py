@@ -223,3 +223,34 @@ def test_missing_weights_and_tokenizer_messages(tmp_path, weights):
     image_only = load_model("merlin", weights=lone, device="cpu", config="tiny", text=False)
     with pytest.raises(MedfmError, match="image-only"):
         image_only.text_features(["ascites"])
+
+
+def test_out_of_memory_becomes_advice(model):
+    def boom():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(MedfmError) as ei:
+        model._run(boom, "Merlin's image tower")
+    msg = str(ei.value)
+    assert "Out of memory" in msg and "Merlin's image tower" in msg
+    with pytest.raises(ValueError):  # other errors pass through unchanged
+        model._run(lambda: (_ for _ in ()).throw(ValueError("x")), "Merlin")
+
+
+def test_findings_task_progress_and_cancel(model, ct):
+    from napari_medfm.tasks.findings import findings_task
+    from napari_medfm.tasks.progress import drain
+
+    events = []
+    res = drain(findings_task(model, ct, top_k=3), events.append)
+    assert len(res.findings) == 31 and len(res.phenotypes) == 3
+    assert events[0].message.startswith("preprocessing") and events[-1].message == "phenotypes"
+    assert [e.step for e in events] == sorted(e.step for e in events)
+    assert all(e.total == events[0].total for e in events)
+    assert res.provenance["weights_sha256"] and res.provenance["temperature"] == 0.01
+    assert res.to_csv().count("\nfinding,") == 31
+    # cancel = close the generator after the first step: nothing else runs
+    gen = findings_task(model, ct)
+    first = next(gen)
+    gen.close()
+    assert first.step == 0

@@ -85,16 +85,21 @@ def test_layer4_grid_and_input_layout():
 def test_fused_path_equals_eager(cpu):
     torch.manual_seed(1)
     net = randomize_batchnorm(I3DResNet(TINY_CONFIG), seed=3).eval()
-    x = torch.rand(2, 1, 64, 48, 32)
+    x = torch.rand(2, 1, 50, 45, 33)  # odd sizes: the slab-wise stem's edge cases
     fused = fuse_for_inference(net, cpu=cpu)
     assert fused.conv1.in_channels == 1  # channel repeat folded into conv1
     with torch.inference_mode():
         a, b = net(x), fused(x)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4), k
+    with torch.inference_mode():  # the slab-wise stem equals conv1 + BN + ReLU + max-pool
+        ref = net.stem(x)
+        for slab in (1, 3, 64):
+            got = fused.stem(I3DResNet.to_network_layout(x).contiguous(), slab=slab)
+            assert torch.allclose(ref, got, atol=1e-5), slab
     # a real difference is detected: breaking one folded weight changes the output
     with torch.no_grad():
-        fused.blocks[0].conv2.weight.mul_(1.5)
+        fused.conv1.weight.mul_(-1.0)
         c = fused(x)
     assert not torch.allclose(a["image_embedding"], c["image_embedding"], atol=1e-4)
 

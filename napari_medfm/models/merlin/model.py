@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,17 @@ class _Heads(nn.Module):
     heads = I3DResNet.heads
 
 
+def _empty_image_net(config: MerlinImageConfig) -> I3DResNet:
+    """An image tower with uninitialised storage (no random init: it is loaded right after).
+
+    Every parameter and buffer of :class:`I3DResNet` is in its state dict, so a strict load
+    overwrites all of it.
+    """
+    with torch.device("meta"):
+        net = I3DResNet(config)
+    return net.to_empty(device="cpu")
+
+
 def _l2n(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
@@ -166,7 +178,7 @@ class MerlinModel:
             return self._net
         from ...runtime.safe_load import extract_prefix, load_state_dict, load_strict
 
-        net = I3DResNet(self.image_config)
+        net = _empty_image_net(self.image_config)
         load_strict(net, extract_prefix(load_state_dict(self.weights_path), IMAGE_PREFIX),
                     what=self.weights_path.name)
         return net.eval().to(self.device)
@@ -256,11 +268,15 @@ class MerlinModel:
                 f"need Merlin's CLIP checkpoint {CLIP_CHECKPOINT}")
         with_pooler = any(k.startswith("encode_text.text_encoder.pooler.") for k in sd)
         text = MerlinTextEncoder(self.text_config, with_pooler=with_pooler)
-        clip = MerlinCLIP(I3DResNet(self.image_config), text)
+        with torch.device("meta"):  # the image half only checks keys/shapes: no memory
+            image_check = I3DResNet(self.image_config)
+        clip = MerlinCLIP(image_check, text)
         if _POSITION_IDS in sd and _POSITION_IDS not in clip.state_dict():
             # older transformers saved this constant arange buffer; it is not a weight
             sd = {k: v for k, v in sd.items() if k != _POSITION_IDS}
-        load_strict(clip, sd, what=self.weights_path.name)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*meta parameter.*no-op")
+            load_strict(clip, sd, what=self.weights_path.name)
         del clip, sd  # the image half was only needed to check the whole checkpoint
         self.text_net = text.eval().to(self.device)
         tok_dir = find_tokenizer_dir(self._tokenizer_dir, self.weights_path)
@@ -446,7 +462,7 @@ def build(spec: ModelSpec, weights: Any = None, device: Any = None, *, precision
         raise WeightsError(f"{path.name} is not a Merlin CLIP checkpoint (no "
                            f"{IMAGE_PREFIX}* keys).{hint}")
     image_cfg, _ = CONFIGS[config]
-    net = I3DResNet(image_cfg)
+    net = _empty_image_net(image_cfg)
     load_strict(net, extract_prefix(sd, IMAGE_PREFIX), what=path.name)
     del sd
     fy: Path | None = None
@@ -461,5 +477,8 @@ def build(spec: ModelSpec, weights: Any = None, device: Any = None, *, precision
     model = MerlinModel(spec, net, path, dev, precision, config_name=config, text=text,
                         tokenizer_dir=tokenizer, five_year_path=fy, fast=fast)
     log.info("Merlin loaded from %s on %s in %.1f s", path.name, dev, time.perf_counter() - t0)
+    warn = model.memory_warning()
+    if warn:
+        log.warning(warn)
     return model
 

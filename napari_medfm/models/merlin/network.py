@@ -270,6 +270,8 @@ class FusedI3DResNet(nn.Module):
     * ``cpu=True`` (float32 on the CPU): 1x1x1 convolutions run as GEMMs, the 3x3x3 ones as
       oneDNN convolutions with the ReLU fused, and each residual is accumulated in place into
       the block input (``addmm_``) - no BN, copy or separate add passes over the big maps;
+    * the stem (conv1 + ReLU + max-pool) computed in depth slabs, so the 64-channel
+      full-resolution conv1 output (514 MB at 224x224x160) never exists at once;
     * intermediates released as early as possible.
     """
 
@@ -295,9 +297,45 @@ class FusedI3DResNet(nn.Module):
             p.requires_grad_(False)
         self.eval()
 
+    def stem(self, x: torch.Tensor, slab: int = 8) -> torch.Tensor:
+        """conv1 + ReLU + max-pool computed ``slab`` output depths at a time.
+
+        Never materialises the full-resolution conv1 output (64 x D x H/2 x W/2: 514 MB for
+        224x224x160), only one slab of it. Exact: after the ReLU every value is >= 0, so the
+        pool's -inf depth padding can be replaced by zeros, and slabs overlap by one conv plane.
+        """
+        n, _, d, h, w = x.shape
+        c1, pool = self.conv1, self.maxpool
+        assert pool.kernel_size == 3 and pool.stride == 2 and pool.padding == 1
+        assert c1.stride[0] == 1
+        kd, kh, kw = c1.kernel_size
+        pd, ph, pw = c1.padding
+        dc = d + 2 * pd - kd + 1  # conv1 output depth (stride 1 in depth)
+        d_out = (dc + 2 - 3) // 2 + 1
+        h_c = (h + 2 * ph - kh) // c1.stride[1] + 1
+        w_c = (w + 2 * pw - kw) // c1.stride[2] + 1
+        h_out, w_out = (h_c + 2 - 3) // 2 + 1, (w_c + 2 - 3) // 2 + 1
+        xp = torch.nn.functional.pad(x, (0, 0, 0, 0, pd, pd))  # depth padding done once
+        conv = nn.Conv3d(1, c1.out_channels, c1.kernel_size, stride=c1.stride,
+                         padding=(0, ph, pw), bias=True, device=x.device, dtype=x.dtype)
+        conv.weight, conv.bias = c1.weight, c1.bias
+        pool_hw = nn.MaxPool3d(kernel_size=3, stride=(2, 2, 2), padding=(0, 1, 1))
+        out = x.new_empty((n, c1.out_channels, d_out, h_out, w_out))
+        for j0 in range(0, d_out, slab):
+            j1 = min(d_out, j0 + slab)
+            t_lo, t_hi = 2 * j0 - 1, 2 * (j1 - 1) + 1  # conv planes the pool windows need
+            a, b = max(t_lo, 0), min(t_hi, dc - 1)
+            y = _conv_relu(conv, xp[:, :, a:b + kd], self.cpu_fused)  # planes a..b
+            before, after = a - t_lo, t_hi - b
+            if before or after:
+                y = torch.nn.functional.pad(y, (0, 0, 0, 0, before, after))
+            out[:, :, j0:j1] = pool_hw(y)
+            del y
+        return out
+
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         x = I3DResNet.to_network_layout(x).contiguous()
-        x = self.maxpool(_conv_relu(self.conv1, x, self.cpu_fused))
+        x = self.stem(x)
         for blk in self.blocks:
             x = blk(x)
         return x
