@@ -137,3 +137,31 @@ def test_widget_bundle_result_on_grid(make_napari_viewer, qtbot, tmp_path):
     np.testing.assert_allclose(lab.data_to_world((5, 7, 9)), layer.data_to_world((5, 7, 9)))
     assert lab.metadata["label_names"] == {1: "soft tissue", 2: "dense"}
     assert len(progress) >= 3  # pre, >= 1 window batch, post
+
+
+def test_widget_dicom_input_saves_dicom_seg(make_napari_viewer, qtbot, tmp_path):
+    import highdicom as hd
+
+    from napari_medfm._napari.reader import layer_tuple
+    from napari_medfm.io import dicom
+    from napari_medfm.widgets.segment import SegmentWidget
+
+    img = dicom.read(real_path("ct/totalseg_dicom_series"))[0]
+    data, kwargs, _ = layer_tuple(img)
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(data, **kwargs)
+    w = SegmentWidget(viewer)
+    w.model_combo.setCurrentIndex(w.model_combo.findData("hu-basic"))
+    w.run()
+    qtbot.waitUntil(lambda: w.labels_layer is not None, timeout=120_000)
+    lab = w.labels_layer
+    assert lab.metadata["source_files"] == layer.metadata["source_files"]
+    assert w.save_seg_button.isEnabled()
+    lab.data[0, :5, :5] = 4  # a user edit is saved too
+    out = w.save_dicom_seg(tmp_path / "seg.dcm")
+    assert (w.result.labels[0, :5, :5] == 4).all()
+    seg = hd.seg.segread(str(out))
+    assert {"body", "bone", "fat"} <= {d.SegmentLabel for d in seg.SegmentSequence}
+    ref_uids = {str(r.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence
+                for r in s.ReferencedInstanceSequence}
+    assert len(ref_uids) == len(img.metadata["source_files"])
