@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 from napari_medfm.runtime.paths import test_data_dir
+from napari_medfm.widgets import block_triton_in_gui
+
+# Triton's LLVM and Mesa's (llvmpipe) GL in one process segfault: the GUI never needs Triton.
+block_triton_in_gui()
 
 REAL = test_data_dir()
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gui
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    from napari_medfm.widgets.segment import block_triton_in_gui
+    from napari_medfm.widgets import block_triton_in_gui
 
     block_triton_in_gui()  # Triton's LLVM + Mesa's GL in one process segfault (see the docstring)
     import torch

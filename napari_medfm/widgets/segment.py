@@ -9,8 +9,6 @@ layer on the image's exact transform with structure names on hover, a statistics
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +33,11 @@ from ..errors import MedfmError
 from ..geometry import geometry_of_layer
 from ..io.types import MedicalImage
 from ..tasks.segment import BUNDLE_PREFIX, SegmentSettings, segmenter_choices
+from . import block_triton_in_gui
 from ._common import format_error, start_task
 
 BUNDLE_ITEM = "bundle folder..."
 _TABLE_HEADERS = ("value", "structure", "voxels", "volume (mL)", "mean", "std")
-
-
-def block_triton_in_gui() -> None:
-    """Keep Triton from loading inside the napari process (opt out: ``MEDFM_ALLOW_TRITON=1``).
-
-    Triton's native library bundles its own LLVM; loading it after Mesa's OpenGL driver (which
-    also uses LLVM: llvmpipe under Xvfb/VMs, radeonsi on AMD) segfaults the whole process. torch
-    pulls it in lazily through ``torch._dynamo`` (torchvision.ops, MONAI's component scan). The
-    widgets never use ``torch.compile``, so Triton is marked unavailable before any such import.
-    """
-    if os.environ.get("MEDFM_ALLOW_TRITON", "").lower() in ("1", "true", "yes", "on"):
-        return
-    if "triton" not in sys.modules:
-        sys.modules["triton"] = None  # type: ignore[assignment]  # -> ImportError on import
 
 
 def image_from_layer(layer: Any) -> MedicalImage:
