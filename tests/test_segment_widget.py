@@ -165,3 +165,42 @@ def test_widget_dicom_input_saves_dicom_seg(make_napari_viewer, qtbot, tmp_path)
     ref_uids = {str(r.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence
                 for r in s.ReferencedInstanceSequence}
     assert len(ref_uids) == len(img.metadata["source_files"])
+
+
+def test_widget_coronal_volume_labels_sit_on_the_scan(make_napari_viewer, qtbot):
+    """A coronal acquisition (rows run head->foot) is shown transposed; labels follow it exactly."""
+    import SimpleITK as sitk
+
+    from napari_medfm.io import volume
+    from napari_medfm.io.types import MedicalImage
+    from napari_medfm.tasks.progress import drain
+    from napari_medfm.tasks.segment import SegmentSettings, load_segmenter, segment
+    from napari_medfm.widgets.segment import SegmentWidget
+
+    axial = volume.read(real_path("ct/totalseg_nifti/example_ct_sm.nii.gz"))[0]
+    ax = axial.to_sitk()
+    # resample nothing: permute the axes so image y runs along -S (a coronal stack)
+    cor = sitk.PermuteAxes(ax, [0, 2, 1])
+    cor = sitk.Flip(cor, [False, True, False])
+    coronal = MedicalImage.from_sitk(cor, modality="CT", name="coronal CT",
+                                     metadata={"modality": "CT", "units": "HU"})
+    assert coronal.geometry.display_transpose() is not None
+
+    viewer = make_napari_viewer()
+    data, kwargs, _ = coronal.layer_data()
+    layer = viewer.add_image(data, **kwargs)
+    w = SegmentWidget(viewer)
+    w.model_combo.setCurrentIndex(w.model_combo.findData("hu-basic"))
+    assert w.run() is not None
+    qtbot.waitUntil(lambda: w.labels_layer is not None, timeout=60_000)
+    qtbot.waitUntil(lambda: w.worker is None, timeout=10_000)
+    viewer.screenshot(canvas_only=True)  # napari can slice and draw both layers
+
+    lab = w.labels_layer
+    assert lab.data.shape == layer.data.shape
+    np.testing.assert_allclose(lab.affine.affine_matrix, layer.affine.affine_matrix)
+    # in source order the labels equal a direct (library) run on the coronal image
+    direct = drain(segment(coronal, load_segmenter("hu-basic"), SegmentSettings()))
+    back = MedicalImage.from_layer(lab)
+    np.testing.assert_array_equal(np.asarray(back.data), direct.labels)
+    assert back.geometry == coronal.geometry

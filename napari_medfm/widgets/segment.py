@@ -30,7 +30,6 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import MedfmError
-from ..geometry import geometry_of_layer
 from ..io.types import MedicalImage
 from ..tasks.segment import BUNDLE_PREFIX, SegmentSettings, segmenter_choices
 from . import block_triton_in_gui
@@ -41,14 +40,12 @@ _TABLE_HEADERS = ("value", "structure", "voxels", "volume (mL)", "mean", "std")
 
 
 def image_from_layer(layer: Any) -> MedicalImage:
-    """A :class:`MedicalImage` view of a napari Image layer (data not copied)."""
-    md = dict(layer.metadata or {})
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    kind = md.get("kind") or ("volume" if np.ndim(data) == 3 else "image2d")
-    return MedicalImage(
-        data=np.asarray(data), geometry=geometry_of_layer(layer),
-        modality=str(md.get("modality", "OT")), kind=kind if kind != "wsi" else "image2d",
-        name=layer.name, rgb=bool(getattr(layer, "rgb", False)), metadata=md)
+    """The volume behind an Image layer, in source order (see ``MedicalImage.from_layer``)."""
+    img = MedicalImage.from_layer(layer)
+    if img.multiscale or img.geometry.ndim != 3:
+        raise MedfmError(f"{layer.name}: segmentation needs a 3D volume layer")
+    img.data = np.asarray(img.data)
+    return img
 
 
 class SegmentWidget(QWidget):
@@ -63,6 +60,7 @@ class SegmentWidget(QWidget):
         self.labels_layer: Any = None
         self._source_layer: Any = None
 
+        self._source_image: MedicalImage | None = None
         self.image_combo = QComboBox()
         self.model_combo = QComboBox()
         for mid in segmenter_choices():
@@ -206,10 +204,15 @@ class SegmentWidget(QWidget):
         if not model or model == BUNDLE_ITEM:
             self.status.setText("Choose a model (or a MONAI bundle folder).")
             return None
-        image = image_from_layer(layer)
+        try:
+            image = image_from_layer(layer)
+        except MedfmError as exc:
+            self.status.setText(f"Error: {exc}")
+            return None
         settings = self.settings()
         block_triton_in_gui()
         self._source_layer = layer
+        self._source_image = image
 
         def _task():
             seg = load_segmenter(model, device=settings.device)
@@ -253,27 +256,20 @@ class SegmentWidget(QWidget):
         self.status.setText(f"Error: {format_error(exc)}")
 
     def _on_result(self, result: Any) -> None:
-        from .._napari.reader import label_display_kwargs
         from ..tasks.segment import label_statistics
 
-        src = self._source_layer
+        src = self._source_image
         self.result = result
         img = result.to_medical_image()
-        md = dict(src.metadata or {}) if src is not None else {}
+        md = dict(src.metadata) if src is not None else {}
         md.update(img.metadata)
-        md["geometry"] = result.geometry.to_dict()
-        md["kind"] = "volume"
-        kwargs: dict[str, Any] = {"name": result.name, "metadata": md}
-        kwargs.update(label_display_kwargs(md))
-        if src is not None:  # exactly the image's transform
-            kwargs.update(affine=src.affine.affine_matrix, scale=src.scale,
-                          translate=src.translate)
-        else:
-            kwargs.update(result.geometry.napari_kwargs(warn=False))
-        self.labels_layer = self.viewer.add_labels(result.labels, **kwargs)
-        data = np.asarray(src.data) if src is not None else None
-        self.stats = label_statistics(result.labels, data, result.geometry,
-                                      result.present_names())
+        labels = MedicalImage(result.labels, result.geometry, modality="SEG", kind="volume",
+                              name=result.name, metadata=md, is_label=True)
+        # same transform (and display transpose) as the image layer it came from
+        data, kwargs, _ = labels.layer_data()
+        self.labels_layer = self.viewer.add_labels(data, **kwargs)
+        self.stats = label_statistics(result.labels, None if src is None else src.data,
+                                      result.geometry, result.present_names())
         self._fill_table()
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
@@ -342,7 +338,8 @@ class SegmentWidget(QWidget):
         """The result with any edits the user painted into the Labels layer."""
         r = self.result
         layer = self.labels_layer
-        if layer is not None and layer in self.viewer.layers and \
-                np.shape(layer.data) == r.labels.shape:
-            r.labels = np.asarray(layer.data)
+        if layer is not None and layer in self.viewer.layers:
+            edited = MedicalImage.from_layer(layer)  # back in source order
+            if np.shape(edited.data) == r.labels.shape:
+                r.labels = np.asarray(edited.data)
         return r
