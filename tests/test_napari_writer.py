@@ -154,3 +154,33 @@ def test_dicom_seg_needs_a_dicom_source(make_napari_viewer, tmp_path, phantom_sm
         write_labels_dicom_seg(str(tmp_path / "seg.dcm"), layer.data, layer._get_state(),
                                viewer=viewer)
     assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_coronal_labels_saved_in_source_order(make_napari_viewer, tmp_path):
+    """Labels on a coronal DICOM (shown transposed in napari) save onto the source grid."""
+    from conftest import real_path
+
+    from napari_medfm._napari.writer import write_labels_dicom_seg, write_labels_nifti
+    from napari_medfm.io import read
+    from napari_medfm.io.dicom_seg import read_dicom_seg
+    from napari_medfm.io.types import MedicalImage
+
+    (img,) = read(real_path("dicom_edge/ct_j2k_lossless_coronal_pixrep_mismatch_TOSHIBA.dcm"))
+    assert img.geometry.display_transpose() is not None
+    labels = np.zeros(img.data.shape, np.uint8)
+    labels[0, 100:200, 150:260] = 1
+    labels[0, 300:320, 10:40] = 2
+    md = dict(img.metadata, label_names={1: "liver", 2: "spleen"})
+    lab = MedicalImage(labels, img.geometry, kind="volume", name="seg", metadata=md, is_label=True)
+    viewer = make_napari_viewer()
+    layer = viewer.add_labels(*lab.layer_data()[:2][:1], **lab.layer_data()[1])
+    assert layer.data.shape != labels.shape  # napari holds the transposed view
+
+    (nii,) = write_labels_nifti(str(tmp_path / "seg.nii.gz"), layer.data, layer._get_state())
+    back = read(nii, as_labels=True)[0]
+    np.testing.assert_array_equal(np.asarray(back.data), labels)
+    assert back.geometry.same_grid(img.geometry, atol=1e-4)
+
+    (dcm,) = write_labels_dicom_seg(str(tmp_path / "seg.dcm"), layer.data, layer._get_state())
+    seg = read_dicom_seg(dcm, reference=img)
+    np.testing.assert_array_equal(np.asarray(seg.data) > 0, labels > 0)

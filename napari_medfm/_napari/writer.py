@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import GeometryError, MedfmError
-from ..geometry import Geometry, geometry_of_layer
+from ..geometry import Geometry
+from ..io.types import MedicalImage, undo_display_transpose
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,9 @@ def geometry_from_attributes(data: Any, attributes: dict[str, Any]) -> Geometry:
 
     ``metadata['geometry']`` (written by our readers and tasks) is preferred when it
     describes the same grid as the layer transform; if the user moved the layer since, the
-    transform wins (that is what was drawn on) and a warning is logged.
+    transform wins (that is what was drawn on) and a warning is logged. For layers shown
+    transposed (``metadata['display_transpose']``) the geometry is returned in source order;
+    use :func:`labels_in_source_order` to get the matching array.
     """
     ndim = np.ndim(data)
     if ndim not in (2, 3):
@@ -81,6 +84,9 @@ def geometry_from_attributes(data: Any, attributes: dict[str, Any]) -> Geometry:
             f"the layer transform is not a voxel grid (rotation + spacing): {exc}") from exc
     md = attributes.get("metadata") or {}
     stored = md.get("geometry")
+    if md.get("display_transpose"):
+        # stored geometry is in source order; compare like with like
+        _, from_transform = undo_display_transpose(np.empty((0,) * ndim), from_transform, md)
     if stored:
         try:
             g = Geometry.from_dict(stored)
@@ -92,6 +98,14 @@ def geometry_from_attributes(data: Any, attributes: dict[str, Any]) -> Geometry:
             log.warning("labels layer was moved since it was made: writing it where it is shown "
                         "(%r), not at its stored geometry (%r)", from_transform, g)
     return from_transform
+
+
+def labels_in_source_order(data: Any, attributes: dict[str, Any]) -> tuple[np.ndarray, Geometry]:
+    """Labels array and geometry in the *source* axis order (display transpose undone)."""
+    labels = _labels_array(data)
+    geom = geometry_from_attributes(labels, attributes)
+    labels, _ = undo_display_transpose(labels, geom, attributes.get("metadata") or {})
+    return np.ascontiguousarray(labels), geom
 
 
 def _int_keys(d: Any) -> dict[int, Any]:
@@ -130,8 +144,7 @@ def _labels_array(data: Any) -> np.ndarray:
 def _write_volume_labels(path: str | Path, data: Any, attributes: dict[str, Any], kind: str) -> list[str]:
     from ..io.writers import write_labels
 
-    labels = _labels_array(data)
-    geom = geometry_from_attributes(labels, attributes)
+    labels, geom = labels_in_source_order(data, attributes)
     names, colors = label_tables(attributes)
     out = write_labels(_with_extension(path, kind), labels, geom,
                        label_names=names, label_colors=colors)
@@ -174,10 +187,10 @@ def _find_source_files(labels: np.ndarray, geom: Geometry, viewer: Any = None) -
         if not files:
             continue
         try:
-            g = geometry_of_layer(layer)
+            img = MedicalImage.from_layer(layer)  # source order, like the labels
         except ValueError:
             continue
-        if g.same_grid(geom, tuple(layer.data.shape), labels.shape, atol=1e-3):
+        if img.geometry.same_grid(geom, tuple(img.data.shape), labels.shape, atol=1e-3):
             candidates.append(layer)
     if not candidates:
         return None
@@ -197,10 +210,9 @@ def write_labels_dicom_seg(path: str, data: Any, attributes: dict, *, viewer: An
     """
     from ..io.dicom_seg import write_dicom_seg
 
-    labels = _labels_array(data)
-    if labels.ndim != 3:
-        raise MedfmError(f"DICOM-SEG export needs 3D labels, got {labels.ndim}D")
-    geom = geometry_from_attributes(labels, attributes)
+    if np.ndim(data[0] if isinstance(data, list) else data) != 3:
+        raise MedfmError(f"DICOM-SEG export needs 3D labels, got {np.ndim(data)}D")
+    labels, geom = labels_in_source_order(data, attributes)
     md = attributes.get("metadata") or {}
     files = md.get("source_files") or _find_source_files(labels, geom, viewer)
     if not files:
