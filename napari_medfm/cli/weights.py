@@ -19,14 +19,9 @@ from ..errors import WeightsError
 
 
 def _human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"  # pragma: no cover
+    from ..runtime.weights import human_size
+
+    return human_size(n, unknown="-")
 
 
 def _manager() -> Any:

@@ -70,9 +70,10 @@ def sha256_file(path: str | Path, chunk: int = DEFAULT_CHUNK,
     return h.hexdigest()
 
 
-def _human(n: int | None) -> str:
+def human_size(n: int | None, unknown: str = "unknown size") -> str:
+    """Byte count in decimal units (``1.2 GB``)."""
     if n is None:
-        return "unknown size"
+        return unknown
     size = float(n)
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if size < 1000 or unit == "TB":
@@ -105,7 +106,7 @@ def how_to_get(spec: ModelSpec, root: Path | None = None) -> str:
     ways = []
     if spec.repo_id:
         total = _total_size(spec.required_files or spec.files)
-        size = f"downloads {_human(total)}" if total else "downloads"
+        size = f"downloads {human_size(total)}" if total else "downloads"
         ways.append(f"`medfm weights fetch {spec.id}` ({size} from hf.co/{spec.repo_id})")
     ways.append(f"`medfm weights import {spec.id} PATH` (a file or a folder laid out like the hub repo)")
     ways.append("`--weights PATH` / the widget's weights field")
@@ -212,7 +213,7 @@ class WeightsManager:
             row["message"] = f"{wf.filename} not found in {path.parent}"
             if part.exists():
                 row["message"] += (f" (an interrupted download {part.name} of "
-                                   f"{_human(part.stat().st_size)} is there: "
+                                   f"{human_size(part.stat().st_size)} is there: "
                                    f"`medfm weights fetch {spec.id}` resumes it)")
             return row
         size = path.stat().st_size
@@ -220,7 +221,7 @@ class WeightsManager:
         if wf.size is not None and size != wf.size:
             row["status"] = PARTIAL
             row["message"] = (f"{path} is partial or corrupt: {size} bytes, expected {wf.size} "
-                              f"({_human(wf.size)}). Delete it and run "
+                              f"({human_size(wf.size)}). Delete it and run "
                               f"`medfm weights fetch {spec.id}` or import a complete copy.")
             return row
         if not wf.sha256:
@@ -554,8 +555,8 @@ class WeightsManager:
             return
         free = shutil.disk_usage(folder).free
         if free < need:
-            raise WeightsError(f"not enough disk space in {folder}: {_human(need)} needed, "
-                               f"{_human(free)} free. Set $MEDFM_HOME to a larger disk.")
+            raise WeightsError(f"not enough disk space in {folder}: {human_size(need)} needed, "
+                               f"{human_size(free)} free. Set $MEDFM_HOME to a larger disk.")
 
     def _download_one(self, spec: ModelSpec, wf: WeightFile, dest: Path,
                       retries: int) -> Generator[tuple[int, int | None], None, None]:
@@ -607,7 +608,7 @@ class WeightsManager:
                 if attempt > retries:
                     raise WeightsError(
                         f"download of {wf.filename} for {spec.id} was interrupted ({exc.cause}); "
-                        f"{_human(_part_size(dest))} kept in {part.name}: run "
+                        f"{human_size(_part_size(dest))} kept in {part.name}: run "
                         f"`medfm weights fetch {spec.id}` again to resume.") from None
                 log.warning("download of %s interrupted (%s); resuming (%d/%d)",
                             wf.filename, exc.cause, attempt, retries)
@@ -631,7 +632,7 @@ class WeightsManager:
                                    "/ your proxy.")
             os.replace(part, dest)
             self._store_hash(dest, digest)
-            log.info("downloaded %s (%s) -> %s", wf.filename, _human(size), dest)
+            log.info("downloaded %s (%s) -> %s", wf.filename, human_size(size), dest)
             return
 
 
