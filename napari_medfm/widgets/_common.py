@@ -38,7 +38,9 @@ def start_task(
         finally:
             gen.close()
 
-    worker = create_worker(_run, _start_thread=False, _progress={"desc": description})
+    # errors the widget reports itself must not also pop up as napari notifications
+    worker = create_worker(_run, _start_thread=False, _progress={"desc": description},
+                           _ignore_errors=on_error is not None)
     if on_progress is not None:
         worker.yielded.connect(on_progress)
 

@@ -32,7 +32,6 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..geometry import geometry_of_layer, layer_world_matrix
 from ..io.types import MedicalImage
 from ..tasks.progress import Progress
 from ._common import format_error, start_task
@@ -55,16 +54,12 @@ class _NumberItem(QTableWidgetItem):
 
 
 def image_from_layer(layer: Any) -> MedicalImage:
-    """A :class:`MedicalImage` view of a napari Image layer (geometry from its transforms)."""
+    """The image behind a napari layer, in source order (see ``MedicalImage.from_layer``)."""
     if getattr(layer, "multiscale", False):
         raise ValueError(f"{layer.name}: multiscale layers are not supported by Merlin")
-    md = dict(layer.metadata or {})
-    data = np.asarray(layer.data)
-    kind = md.get("kind") or ("volume" if data.ndim == 3 else "image2d")
-    return MedicalImage(data, geometry_of_layer(layer), modality=str(md.get("modality", "OT")),
-                        kind=kind if kind in ("volume", "image2d", "wsi") else "volume",
-                        name=layer.name, rgb=bool(getattr(layer, "rgb", False)),
-                        metadata={k: v for k, v in md.items() if k != "geometry"})
+    img = MedicalImage.from_layer(layer)
+    img.data = np.asarray(img.data)
+    return img
 
 
 class FindingsWidget(QWidget):
@@ -321,11 +316,11 @@ class FindingsWidget(QWidget):
 
     def _add_why(self, why: MedicalImage, ct_layer: Any) -> None:
         self.worker = None
-        md = dict(why.full_metadata())
-        md["medfm_why"] = True
-        self.viewer.add_image(why.data, name=why.name, affine=layer_world_matrix(ct_layer),
-                              colormap="inferno", blending="additive", opacity=0.5,
-                              contrast_limits=(0.0, 1.0), metadata=md)
+        why.metadata["medfm_why"] = True
+        # on the CT's own grid: layer_data gives it the CT layer's transform (and display transpose)
+        data, kwargs, _ = why.layer_data(colormap="inferno", blending="additive", opacity=0.5,
+                                         contrast_limits=(0.0, 1.0))
+        self.viewer.add_image(data, **kwargs)
         self.status.setText(f"Added {why.name} (Grad-CAM, 0..1) over {ct_layer.name}.")
 
     # ------------------------------------------------------------------ copy / export
