@@ -101,3 +101,20 @@ def test_strict_and_incomplete_folders_refused(hub, tmp_path):
     (other / "preprocessor_config.json").unlink()
     with pytest.raises(WeightsError, match="preprocessor_config.json"):
         load_model("rad-dino", weights=other)
+
+
+def test_index_and_query_with_rad_dino(hub, real_data, tmp_path):
+    from napari_medfm import io as mio
+    from napari_medfm.tasks.progress import drain
+    from napari_medfm.tasks.retrieval.build import build_index, collect_inputs
+    from napari_medfm.tasks.retrieval.query import query_task
+
+    folder = real_data / "cxr" / "tbx11k"
+    if not folder.exists():
+        pytest.skip(f"missing {folder}")
+    enc = load_model("rad-dino", weights=hub)
+    res = drain(build_index(tmp_path / "ix", enc, collect_inputs([folder])))
+    assert res.added == 2 and res.manifest["model_id"] == "rad-dino"
+    img = mio.read(folder / "tb0005.png")[0]
+    hits = drain(query_task(tmp_path / "ix", img, k=2))  # model reloaded from the index record
+    assert hits[0].case_id == "tb0005.png" and hits[0].score == pytest.approx(1.0, abs=1e-4)

@@ -248,3 +248,15 @@ def test_bad_input_in_a_batch_is_skipped_and_recorded(model, real_data, tmp_path
         assert idx.failures() == [(key, err)] and idx.count() == 2
     again = drain(build_index(tmp_path / "ix", model, items, batch_size=8))
     assert again.added == 0 and again.skipped == 3  # failures are not retried on resume
+
+
+def test_cancel_between_batches_keeps_committed_chunks(model, real_data, tmp_path):
+    items = _items(real_data, SMALL[2:3])  # six pathology tiles
+    gen = build_index(tmp_path / "ix", model, items, chunk_size=2, batch_size=1)
+    events = [next(gen) for _ in range(5)]  # start, 2 batches, commit, 1 batch of chunk 2
+    assert events[3].message.startswith("committed")
+    gen.close()  # what a napari worker's quit() does at the next yield
+    with CaseIndex.open(tmp_path / "ix") as idx:
+        assert idx.count() == 2 and idx.chunk_ids() == [0]
+    res = drain(build_index(tmp_path / "ix", model, items, chunk_size=2, batch_size=1))
+    assert res.skipped == 2 and res.added == 4
