@@ -136,3 +136,24 @@ def test_errors_are_shown_not_raised(make_napari_viewer, qtbot, tmp_path):
     w.set_index(tmp_path / "nothing")
     assert "not a similar-case index" in w.index_info.text()
     assert w.search() is None and "open an image" in w.status.text()
+
+
+def test_region_on_a_volume_slice(make_napari_viewer, index_dir, real_data):
+    viewer, w = _widget(make_napari_viewer, index_dir)
+    ct = real_data / "ct" / "totalseg_nifti" / "example_ct_sm.nii.gz"
+    if not ct.exists():
+        pytest.skip(f"missing {ct}")
+    vol = mio.read(ct)[0]
+    data, kwargs, _ = vol.layer_data()
+    layer = viewer.add_image(data, **kwargs)
+    viewer.dims.set_current_step(0, 12)
+    k = int(round(float(layer.world_to_data(viewer.dims.point)[0])))
+    y0, x0, y1, x1 = 20, 30, 60, 80
+    idx = np.array([[k, y0, x0], [k, y0, x1 - 1], [k, y1 - 1, x1 - 1], [k, y1 - 1, x0]], float)
+    world = np.array([layer.data_to_world(c) for c in idx])
+    viewer.add_shapes([world], shape_type="rectangle", name="roi3d")
+    w._refresh_layers()
+    w.layer_combo.setCurrentText(layer.name)
+    w.region_combo.setCurrentText("roi3d")
+    q = w.query_image()
+    np.testing.assert_array_equal(q.data, np.asarray(layer.data)[k, y0:y1, x0:x1])

@@ -223,20 +223,27 @@ class SimilarCasesWidget(QWidget):
     # ------------------------------------------------------------------ query
     def query_image(self) -> MedicalImage:
         """The image (or region) that will be embedded, built from the chosen layers."""
-        from ..tasks.retrieval.query import crop_world_box
+        from ..tasks.retrieval.query import crop_image, crop_world_box, world_box_to_index
 
         name = self.layer_combo.currentText()
         if not name or name not in self.viewer.layers:
             raise MedfmError("open an image first (no image layer selected)")
         layer = self.viewer.layers[name]
         k = None
-        if layer.ndim - (1 if getattr(layer, "rgb", False) else 0) == 3:
+        is3d = layer.ndim - (1 if getattr(layer, "rgb", False) else 0) == 3
+        if is3d:
             k = int(round(float(layer.world_to_data(self.viewer.dims.point)[0])))
         image = image_from_layer(layer, k)
         region = self.region_combo.currentText()
         if region and region != _NONE and region in self.viewer.layers:
             corners = shape_world_corners(self.viewer.layers[region])
-            image = crop_world_box(image, corners[:, -2:])
+            if is3d and corners.shape[1] >= 3:
+                # exact for any orientation: world corners -> 3D indices of this layer, then
+                # the in-plane (y, x) box on the shown slice
+                lo, hi = world_box_to_index(geometry_of_layer(layer), corners[:, -3:])
+                image = crop_image(image, [lo[1], lo[2], hi[1], hi[2]])
+            else:
+                image = crop_world_box(image, corners[:, -2:])
         return image
 
     def search(self) -> Any:
