@@ -260,3 +260,33 @@ def test_cancel_between_batches_keeps_committed_chunks(model, real_data, tmp_pat
         assert idx.count() == 2 and idx.chunk_ids() == [0]
     res = drain(build_index(tmp_path / "ix", model, items, chunk_size=2, batch_size=1))
     assert res.skipped == 2 and res.added == 4
+
+
+def test_3d_encoder_index_with_merlin(real_data, tmp_path):
+    """A 3D encoder without ``embed_batch``/``embedding_dim`` (tiny random Merlin): whole CT
+    volumes and DICOM series are indexed, the dimension is fixed by the first chunk, volumes
+    get a middle-slice thumbnail and cropped sub-volumes can query the index."""
+    from napari_medfm.models.merlin.testing import save_random_checkpoint
+
+    ct = real_data / "ct"
+    inputs = [ct / "totalseg_nifti" / "example_ct_sm.nii.gz", ct / "dcmqi_ct3slice"]
+    if not all(p.exists() for p in inputs):
+        pytest.skip("CT corpus files missing")
+    merlin = load_model("merlin", weights=save_random_checkpoint(tmp_path / "m.pt", config="tiny"),
+                        device="cpu", config="tiny", text=False)
+    items = collect_inputs(inputs)
+    assert [it.case_id for it in items] == ["example_ct_sm.nii.gz", "dcmqi_ct3slice"]
+    res = drain(build_index(tmp_path / "ix", merlin, items))
+    assert res.added == 2 and res.failed == []
+    with CaseIndex.open(tmp_path / "ix") as idx:
+        direct = merlin.embed(mio.read(inputs[0])[0])["image_embedding"]
+        assert idx.dim == direct.size
+        assert all(r.thumbnail for r in idx.records().values())
+        vol = mio.read(inputs[0])[0]
+        sub = crop_image(vol, [0, 10, 10, vol.spatial_shape[0], 90, 90])
+        assert sub.spatial_shape == (vol.spatial_shape[0], 80, 80)
+        hits = query_image(idx, merlin, sub, k=2)
+        assert len(hits) == 2
+        other = load_model("mermed", weights=tiny_mermed_checkpoint(tmp_path / "w.pth"))
+        with pytest.raises(IndexMismatchError):
+            query_image(idx, other, vol, k=2, slice_index="middle")

@@ -157,3 +157,40 @@ def test_region_on_a_volume_slice(make_napari_viewer, index_dir, real_data):
     w.region_combo.setCurrentText("roi3d")
     q = w.query_image()
     np.testing.assert_array_equal(q.data, np.asarray(layer.data)[k, y0:y1, x0:x1])
+
+
+def test_volume_query_for_a_3d_encoder_index(make_napari_viewer, qtbot, real_data, tmp_path):
+    from napari_medfm.models.merlin.testing import save_random_checkpoint
+    from napari_medfm.tasks.retrieval import query as q
+    from napari_medfm.widgets.similar import SimilarCasesWidget
+
+    ct = real_data / "ct" / "totalseg_nifti" / "example_ct_sm.nii.gz"
+    if not ct.exists():
+        pytest.skip(f"missing {ct}")
+    ck = save_random_checkpoint(tmp_path / "m.pt", config="tiny")
+    merlin = load_model("merlin", weights=ck, device="cpu", config="tiny", text=False)
+    drain(build_index(tmp_path / "ix", merlin, collect_inputs([ct])))
+    # the tiny test config cannot be re-created from the index record: hand the loaded model
+    # to the query cache the widget's worker uses
+    q._MODEL_CACHE[("merlin", str(ck.resolve()))] = merlin
+    viewer = make_napari_viewer()
+    w = SimilarCasesWidget(viewer)
+    w.set_index(tmp_path / "ix")
+    assert w.index_dims == (3,)
+    vol = mio.read(ct)[0]
+    data, kwargs, _ = vol.layer_data()
+    layer = viewer.add_image(data, **kwargs)
+    idx = np.array([[5, 20, 30], [5, 20, 79], [5, 59, 79], [5, 59, 30]], float)
+    viewer.add_shapes([np.array([layer.data_to_world(c) for c in idx])],
+                      shape_type="rectangle", name="roi")
+    w._refresh_layers()
+    w.layer_combo.setCurrentText(layer.name)
+    w.region_combo.setCurrentText("roi")
+    image = w.query_image()
+    assert image.kind == "volume"
+    np.testing.assert_array_equal(image.data, np.asarray(layer.data)[:, 20:60, 30:80])
+    try:
+        _run(qtbot, w)
+        assert w.gallery.count() == 1 and w.hits[0].case_id == "example_ct_sm.nii.gz"
+    finally:
+        q.clear_model_cache()

@@ -97,6 +97,7 @@ class SimilarCasesWidget(QWidget):
         self.worker: Any = None
         self.hits: list[Any] = []
         self.last_query_image: MedicalImage | None = None
+        self.index_dims: tuple[int, ...] = (2,)  # spatial dims the index's model embeds
 
         self.index_edit = QLineEdit()
         self.index_edit.setPlaceholderText("index folder (medfm index build ...)")
@@ -211,6 +212,12 @@ class SimilarCasesWidget(QWidget):
             return None
         self.index_info.setText(f"{info['model_id']}: {info['cases']} cases "
                                 f"({info['index_type'] or 'not finalised'})")
+        try:
+            from ..runtime.registry import get_spec
+
+            self.index_dims = tuple(get_spec(info["model_id"]).dims)
+        except MedfmError:
+            self.index_dims = (2,)
         cur = self.modality_combo.currentText()
         self.modality_combo.clear()
         self.modality_combo.addItem(_ANY)
@@ -231,10 +238,12 @@ class SimilarCasesWidget(QWidget):
         layer = self.viewer.layers[name]
         k = None
         is3d = layer.ndim - (1 if getattr(layer, "rgb", False) else 0) == 3
+        region = self.region_combo.currentText()
+        if is3d and 2 not in self.index_dims:
+            return self._volume_query(layer, region)
         if is3d:
             k = int(round(float(layer.world_to_data(self.viewer.dims.point)[0])))
         image = image_from_layer(layer, k)
-        region = self.region_combo.currentText()
         if region and region != _NONE and region in self.viewer.layers:
             corners = shape_world_corners(self.viewer.layers[region])
             if is3d and corners.shape[1] >= 3:
@@ -245,6 +254,23 @@ class SimilarCasesWidget(QWidget):
             else:
                 image = crop_world_box(image, corners[:, -2:])
         return image
+
+    def _volume_query(self, layer: Any, region: str) -> MedicalImage:
+        """For a 3D encoder (e.g. Merlin): the whole volume, or the sub-volume under the
+        rectangle's in-plane box through all slices."""
+        from ..tasks.retrieval.query import crop_image, world_box_to_index
+
+        md = dict(getattr(layer, "metadata", {}) or {})
+        vol = MedicalImage(np.asarray(layer.data), geometry_of_layer(layer),
+                           modality=md.get("modality", "CT"), kind="volume", name=layer.name,
+                           metadata=md)
+        if region and region != _NONE and region in self.viewer.layers:
+            corners = shape_world_corners(self.viewer.layers[region])
+            if corners.shape[1] < 3:
+                raise MedfmError("draw the rectangle on the volume (a 3D Shapes layer)")
+            lo, hi = world_box_to_index(vol.geometry, corners[:, -3:])
+            vol = crop_image(vol, [0, lo[1], lo[2], vol.shape[0], hi[1], hi[2]])
+        return vol
 
     def search(self) -> Any:
         """Start the query in a worker; returns the worker (None if nothing to do)."""

@@ -60,14 +60,22 @@ class BuildResult:
 def _is_dicom_file(p: Path) -> bool:
     if p.suffix.lower() in (".dcm", ".dicom"):
         return True
-    if p.suffix:
-        return False
+    ext = p.suffix[1:]
+    if ext and ext.isalpha() and len(ext) <= 5:
+        return False  # a real extension (png, jpg, nii, ...); DICOM UIDs give numeric "suffixes"
     try:
         with open(p, "rb") as f:
             head = f.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return True
+    from ...io import dicom  # files without preamble: ask the DICOM reader's sniffer
+
+    try:
+        return bool(dicom.can_read(p))
+    except Exception:  # a sniffer must never abort a walk
+        return False
 
 
 def _read_label_table(folder: Path) -> dict[str, tuple[str, str]]:
@@ -241,6 +249,23 @@ def read_item(item: CaseItem) -> list[tuple[CaseRecord, Any]]:
     return out
 
 
+def model_dim(model: Any) -> int:
+    """Embedding size of a loaded model; 0 when the model does not say (then the first
+    committed chunk fixes the index's dimension)."""
+    return int(getattr(model, "embedding_dim", 0) or 0)
+
+
+def embed_images(model: Any, images: Sequence[Any], modalities: Sequence[str | None],
+                 slice_index: Any = None) -> np.ndarray:
+    """``(N, D)`` embeddings: ``embed_batch`` of the 2D encoders, or ``embed`` one image at a
+    time for other registered encoders (e.g. Merlin on whole or cropped CT volumes)."""
+    if hasattr(model, "embed_batch"):
+        return model.embed_batch(list(images), modality=list(modalities),
+                                 slice_index=slice_index)
+    return np.stack([np.asarray(model.embed(im)["image_embedding"], np.float32).reshape(-1)
+                     for im in images])
+
+
 def _embed_safely(model: Any, pairs: list[tuple[CaseRecord, Any]], slice_index: Any,
                   ) -> tuple[np.ndarray | None, list[int], list[tuple[int, str]]]:
     """Embed a batch; on a model error fall back to one image at a time to isolate it.
@@ -249,14 +274,14 @@ def _embed_safely(model: Any, pairs: list[tuple[CaseRecord, Any]], slice_index: 
     """
     mods = [r.modality or None for r, _ in pairs]
     try:
-        v = model.embed_batch([im for _, im in pairs], modality=mods, slice_index=slice_index)
+        v = embed_images(model, [im for _, im in pairs], mods, slice_index)
         return v, list(range(len(pairs))), []
     except MedfmError:
         pass
     good, vecs, errs = [], [], []
     for i, (_r, im) in enumerate(pairs):
         try:
-            vecs.append(model.embed_batch([im], modality=[mods[i]], slice_index=slice_index)[0])
+            vecs.append(embed_images(model, [im], [mods[i]], slice_index)[0])
             good.append(i)
         except MedfmError as exc:
             errs.append((i, str(exc)))
@@ -307,9 +332,10 @@ def build_index(
         items = list(items)[i::n]
         index_dir = shard_dir(index_dir, i, n)
     index_dir = Path(index_dir)
+    wp = getattr(model, "weights_path", None)
     idx = CaseIndex.create_or_open(index_dir, model_id=model.spec.id,
-                                   weights_sha256=model.weights_sha256, dim=model.embedding_dim,
-                                   weights_path=getattr(model, "weights_path", None))
+                                   weights_sha256=model.weights_sha256, dim=model_dim(model),
+                                   weights_path=str(wp) if wp else None)
     try:
         done = idx.done_item_keys()
         todo = [it for it in items if it.key not in done]
@@ -341,16 +367,18 @@ def build_index(
                         rec, im = pairs[gi]
                         if owner[gi].key in bad_items:
                             continue  # all-or-nothing per input item
-                        rec.thumbnail = thumbnail_png(im, size=thumbnail_size,
-                                                      slice_index=slice_index,
-                                                      modality=rec.modality or None)
+                        spatial = len(getattr(im, "spatial_shape", ()))
+                        rec.thumbnail = thumbnail_png(
+                            im, size=thumbnail_size,
+                            slice_index=slice_index if slice_index is not None or spatial != 3
+                            else "middle",
+                            modality=rec.modality or None)
                         recs.append(rec)
                         vecs.append(v[vi])
                     fails += list(bad_items.items())
                 step += len(batch)
                 yield Progress(step, total, f"embedded {step}/{total}")
-            dim = idx.dim
-            arr = np.stack(vecs) if vecs else np.zeros((0, dim), np.float32)
+            arr = np.stack(vecs) if vecs else np.zeros((0, max(idx.dim, 1)), np.float32)
             idx.add_chunk(arr, recs, model_id=model.spec.id,
                           weights_sha256=model.weights_sha256, failures=fails)
             res.added += len(recs)

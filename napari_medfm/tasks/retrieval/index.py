@@ -269,9 +269,14 @@ class CaseIndex:
         return int(self.info_value("dim") or 0)
 
     def check_compatible(self, model_id: str, weights_sha256: str, dim: int) -> None:
-        """Refuse vectors from another model, other weights or another dimension."""
+        """Refuse vectors from another model, other weights or another dimension.
+
+        ``dim`` 0 means "not known yet" (models without an ``embedding_dim``): the dimension is
+        then fixed by the first committed chunk and checked from there on.
+        """
         have = (self.model_id, self.weights_sha256, self.dim)
-        if have != (model_id, weights_sha256, int(dim)):
+        dim_clash = bool(dim) and bool(have[2]) and int(dim) != have[2]
+        if have[:2] != (model_id, weights_sha256) or dim_clash:
             raise IndexMismatchError(
                 f"{self.root}: this index holds {have[0]} embeddings (weights sha256 "
                 f"{have[1][:12]}..., dim {have[2]}); refusing to mix in {model_id} (weights "
@@ -368,7 +373,7 @@ class CaseIndex:
         if ids_exist:
             raise MedfmError(f"{self.root}: case ids already indexed: {ids_exist[:5]} "
                              "(delete them first or use other case ids)")
-        vecs = l2_normalise(vectors) if len(vectors) else vectors.reshape(0, self.dim)
+        vecs = l2_normalise(vectors) if len(vectors) else vectors.reshape(0, max(self.dim, 1))
         (self.root / VECTOR_DIR).mkdir(exist_ok=True)
         last = self.conn.execute("SELECT MAX(chunk_id) FROM chunks").fetchone()[0]
         chunk_id = 0 if last is None else int(last) + 1
@@ -386,6 +391,8 @@ class CaseIndex:
         _atomic_write_bytes(path, data)
         digest = hashlib.sha256(data).hexdigest()
         with self._tx() as c:
+            if not self.dim and len(vecs):
+                c.execute("INSERT OR REPLACE INTO info VALUES ('dim', ?)", (str(vecs.shape[1]),))
             c.execute("INSERT INTO chunks VALUES (?, ?, ?, ?, ?)",
                       (chunk_id, f"{VECTOR_DIR}/{path.name}", len(vecs), digest, source))
             for vid, r in zip(ids.tolist(), records, strict=False):

@@ -44,7 +44,7 @@ def model_for_index(index: CaseIndex, weights: str | Path | None = None, device:
         model = load_model(index.model_id, weights=wpath, device=device)
         with _CACHE_LOCK:
             _MODEL_CACHE[key] = model
-    if model.weights_sha256 != index.weights_sha256:
+    if model.spec.id != index.model_id or model.weights_sha256 != index.weights_sha256:
         raise IndexMismatchError(
             f"{Path(wpath).name}: weights sha256 {model.weights_sha256[:12]}... differ from the "
             f"index's {index.weights_sha256[:12]}... - query with the weights the index was built "
@@ -112,8 +112,10 @@ def query_image(index: CaseIndex, model: Any, image: Any, k: int = 10, *,
                 slice_index: Any = None, modality: str | None = None,
                 filter_modality: str | None = None, label: str | None = None) -> list[Hit]:
     """Embed ``image`` with ``model`` and return its top-``k`` similar cases."""
-    index.check_compatible(model.spec.id, model.weights_sha256, model.embedding_dim)
-    emb = model.embed(image, modality=modality, slice_index=slice_index)["image_embedding"]
+    from .build import embed_images, model_dim
+
+    index.check_compatible(model.spec.id, model.weights_sha256, model_dim(model))
+    emb = embed_images(model, [image], [modality], slice_index)[0]
     return query_vector(index, emb, k, modality=filter_modality, label=label)
 
 
