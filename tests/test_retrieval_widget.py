@@ -194,3 +194,11 @@ def test_volume_query_for_a_3d_encoder_index(make_napari_viewer, qtbot, real_dat
         assert w.gallery.count() == 1 and w.hits[0].case_id == "example_ct_sm.nii.gz"
     finally:
         q.clear_model_cache()
+
+
+def test_dock_widget_from_the_plugin_manifest(make_napari_viewer):
+    from napari_medfm.widgets.similar import SimilarCasesWidget
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-medfm", "Similar cases")
+    assert isinstance(widget, SimilarCasesWidget)
