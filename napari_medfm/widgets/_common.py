@@ -70,3 +70,19 @@ def format_error(exc: BaseException) -> str:
         return (f"Out of memory: {msg.splitlines()[0]}. Try a smaller window/batch size, "
                 "half precision, or run on the CPU.")
     return msg.splitlines()[0] if msg else type(exc).__name__
+
+
+def refill_combo(combo: Any, names: Any, keep: str | None = None) -> None:
+    """Refill a combo box with ``names``, keeping the current (or ``keep``) choice if still there."""
+    current = combo.currentText() if keep is None else keep
+    combo.clear()
+    for name in names:
+        combo.addItem(str(name))
+    idx = combo.findText(current)
+    if idx >= 0:
+        combo.setCurrentIndex(idx)
+
+
+def layer_named(layers: Any, name: str) -> Any | None:
+    """The first layer of ``layers`` called ``name`` (``None`` if none)."""
+    return next((lyr for lyr in layers if lyr.name == name), None)

@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (
 
 from ..io.types import MedicalImage
 from ..tasks.progress import Progress
-from ._common import format_error, start_task
+from ._common import format_error, layer_named, refill_combo, start_task
 
 _COLUMNS = ("Kind", "Name", "Probability", "")
 _BAR = 20
@@ -160,21 +160,12 @@ class FindingsWidget(QWidget):
                 and not (lyr.metadata or {}).get("medfm_why")]
 
     def _refresh_layers(self, *_args: Any) -> None:
-        current = self.layer_combo.currentText()
-        self.layer_combo.clear()
-        for lyr in self._ct_layers():
-            self.layer_combo.addItem(lyr.name)
-        idx = self.layer_combo.findText(current)
-        if idx >= 0:
-            self.layer_combo.setCurrentIndex(idx)
+        refill_combo(self.layer_combo, [lyr.name for lyr in self._ct_layers()])
 
     def target_layer(self) -> Any | None:
-        name = self.layer_combo.currentText()
-        for lyr in self._ct_layers():
-            if lyr.name == name:
-                return lyr
         layers = self._ct_layers()
-        return layers[-1] if layers else None
+        found = layer_named(layers, self.layer_combo.currentText())
+        return found if found is not None else (layers[-1] if layers else None)
 
     # ------------------------------------------------------------------ running
     def _model_kwargs(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from ..errors import MedfmError
 from ..io.types import MedicalImage
 from ..tasks.segment import BUNDLE_PREFIX, SegmentSettings, segmenter_choices
 from . import block_triton_in_gui
-from ._common import format_error, start_task
+from ._common import format_error, layer_named, refill_combo, start_task
 
 BUNDLE_ITEM = "bundle folder..."
 _TABLE_HEADERS = ("value", "structure", "voxels", "volume (mL)", "mean", "std")
@@ -145,20 +145,10 @@ class SegmentWidget(QWidget):
                 and lyr.ndim == 3]
 
     def _refresh_layers(self, *_args: Any) -> None:
-        current = self.image_combo.currentText()
-        self.image_combo.clear()
-        for lyr in self._image_layers():
-            self.image_combo.addItem(lyr.name)
-        idx = self.image_combo.findText(current)
-        if idx >= 0:
-            self.image_combo.setCurrentIndex(idx)
+        refill_combo(self.image_combo, [lyr.name for lyr in self._image_layers()])
 
     def image_layer(self) -> Any | None:
-        name = self.image_combo.currentText()
-        for lyr in self._image_layers():
-            if lyr.name == name:
-                return lyr
-        return None
+        return layer_named(self._image_layers(), self.image_combo.currentText())
 
     def set_bundle(self, folder: str | Path) -> str:
         """Add (or select) ``bundle:FOLDER`` in the model picker; returns the model id."""
