@@ -77,16 +77,18 @@ def _ensure_loaded() -> None:
     global _LOADED
     if _LOADED:
         return
-    _LOADED = True
     for modname in SPEC_MODULES:
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as exc:
             if exc.name and modname.startswith(exc.name):
                 continue  # family not present in this build
-            raise
+            raise MedfmError(f"model registry: cannot import {modname}: {exc}") from exc
+        except Exception as exc:  # a broken spec module must not leave a silently empty registry
+            raise MedfmError(f"model registry: cannot import {modname}: {exc}") from exc
         for spec in getattr(mod, "SPECS", ()):
             _REGISTRY.setdefault(spec.id, spec)
+    _LOADED = True
 
 
 def list_specs(task: str | None = None, modality: str | None = None,
