@@ -56,5 +56,28 @@ SPECS = [
             "n_phenotypes": 1692,
             "contrastive_dim": 512,
         },
-    )
+    ),
+    ModelSpec(
+        id="clinical-longformer",
+        family="merlin",
+        tasks=("tokenizer",),
+        modalities=("text",),
+        dims=(),
+        builder="napari_medfm.models.merlin.text:build_tokenizer",
+        description=(
+            "Clinical-Longformer RoBERTa BPE tokenizer used by Merlin's text tower (zero-shot "
+            "findings); files only, no network weights (those are inside Merlin's checkpoint)."
+        ),
+        input_spec="report text, lower-cased and punctuation-split, max 1024 tokens",
+        repo_id="yikuan8/Clinical-Longformer",
+        files=(
+            WeightFile("vocab.json", description="BPE vocabulary (50265 tokens)"),
+            WeightFile("merges.txt", description="BPE merges"),
+        ),
+        licence="MIT",
+        citation=(
+            "Li Y, Wehbe RM, Ahmad FS, Wang H, Luo Y. A comparative study of pretrained language "
+            "models for long clinical text. JAMIA 30(2):340-347 (2023)."
+        ),
+    ),
 ]

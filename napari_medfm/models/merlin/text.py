@@ -37,6 +37,8 @@ __all__ = [
 
 #: Hugging Face repository the tokenizer files come from.
 TOKENIZER_REPO = "yikuan8/Clinical-Longformer"
+#: Registry id under which the weights manager fetches/imports the tokenizer files.
+TOKENIZER_SPEC_ID = "clinical-longformer"
 MAX_LENGTH = 1024
 
 
@@ -152,8 +154,8 @@ def find_tokenizer_dir(explicit: str | Path | None = None,
         base = w if w.is_dir() else w.parent
         candidates += [base, base / "Clinical-Longformer", base / "tokenizer"]
     root = weights_dir()
-    candidates += [root / "merlin" / "Clinical-Longformer", root / "merlin" / "tokenizer",
-                   root / "yikuan8" / "Clinical-Longformer"]
+    candidates += [root / TOKENIZER_SPEC_ID, root / "merlin" / "Clinical-Longformer",
+                   root / "merlin" / "tokenizer", root / "yikuan8" / "Clinical-Longformer"]
     for c in candidates:
         if _has_tokenizer(c):
             return c
@@ -168,10 +170,15 @@ def find_tokenizer_dir(explicit: str | Path | None = None,
     looked = ", ".join(str(c) for c in candidates[:4])
     raise WeightsError(
         f"Merlin's text tower needs the {TOKENIZER_REPO} tokenizer (vocab.json + merges.txt) and "
-        f"none was found (looked in {looked}, and the Hugging Face cache). Pass --tokenizer DIR, "
-        f"or put the files in {root / 'merlin' / 'Clinical-Longformer'} (e.g. `huggingface-cli "
-        f"download {TOKENIZER_REPO} vocab.json merges.txt --local-dir "
-        f"{root / 'merlin' / 'Clinical-Longformer'}`).")
+        f"none was found (looked in {looked}, and the Hugging Face cache). Get it with "
+        f"`medfm weights fetch {TOKENIZER_SPEC_ID}` (two small files from hf.co/{TOKENIZER_REPO}), "
+        f"or `medfm weights import {TOKENIZER_SPEC_ID} DIR`, or pass --tokenizer DIR.")
+
+
+def build_tokenizer(spec: Any, weights: str | Path | None = None, device: Any = None,
+                    **_: Any) -> Any:
+    """Registry builder of ``clinical-longformer``: the tokenizer from the weights manager."""
+    return load_tokenizer(find_tokenizer_dir(weights))
 
 
 def load_tokenizer(folder: str | Path, max_length: int = MAX_LENGTH) -> Any:
