@@ -139,22 +139,26 @@ def main(argv: list[str] | None = None) -> int:
                   f"speed-up vs exact x{p50_ex / max(p50, 1e-9):.1f}")
             sys.stdout.flush()
 
+    def train_and_fill(index, n_train: int) -> float:
+        """Train ``index`` on the first ``n_train`` vectors, add all of them; build seconds."""
+        t0 = time.perf_counter()
+        need, parts = min(args.n, n_train), []
+        for x in chunks():
+            parts.append(x)
+            if sum(len(p) for p in parts) >= need:
+                break
+        index.train(np.concatenate(parts)[:need])
+        del parts
+        for x in chunks():
+            index.add(x)
+        return time.perf_counter() - t0
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "ivf" in methods:
         nlist = args.nlist or int(np.sqrt(args.n))
         quant = faiss.IndexFlatIP(args.dim)
         ivf = faiss.IndexIVFFlat(quant, args.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        t0 = time.perf_counter()
-        need, parts = min(args.n, max(39 * nlist, 50_000)), []
-        for x in chunks():
-            parts.append(x)
-            if sum(len(p) for p in parts) >= need:
-                break
-        ivf.train(np.concatenate(parts)[:need])
-        del parts
-        for x in chunks():
-            ivf.add(x)
-        b = time.perf_counter() - t0
+        b = train_and_fill(ivf, max(39 * nlist, 50_000))
         report(f"ivf{nlist}", "nprobe", b, index_bytes(ivf), ivf, lambda v: setattr(ivf, "nprobe", v),
                [int(p) for p in args.nprobe.split(",")])
         del ivf
@@ -171,17 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         m = args.pq_m or args.dim // 2
         base = faiss.IndexPQFastScan(args.dim, m, 4, faiss.METRIC_INNER_PRODUCT)
         pq = faiss.IndexRefineFlat(base)
-        t0 = time.perf_counter()
-        need, parts = min(args.n, 65_536), []
-        for x in chunks():
-            parts.append(x)
-            if sum(len(p) for p in parts) >= need:
-                break
-        pq.train(np.concatenate(parts)[:need])
-        del parts
-        for x in chunks():
-            pq.add(x)
-        b = time.perf_counter() - t0
+        b = train_and_fill(pq, 65_536)
         report(f"pqfs{m}", "kf", b, index_bytes(pq), pq, lambda v: setattr(pq, "k_factor", v),
                [int(f) for f in args.k_factor.split(",")])
         del pq
