@@ -139,9 +139,23 @@ def finish(viewer: Any, screenshot: str | None, quit_after: float | None) -> int
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
+def show_viewer(title: str, setup: Any, args: argparse.Namespace) -> int:
+    """Open a napari window, fill it with ``setup(viewer)`` and run it (see :func:`finish`).
+
+    A failing ``setup`` closes the window again, so no empty viewer is left behind.
+    """
     import napari
 
+    viewer = napari.Viewer(title=title, show=True)
+    try:
+        setup(viewer)
+    except BaseException:
+        viewer.close()
+        raise
+    return finish(viewer, args.screenshot, args.quit_after)
+
+
+def run(args: argparse.Namespace) -> int:
     from ..windowing import preset_names
 
     if args.window and args.window not in preset_names():
@@ -155,17 +169,15 @@ def run(args: argparse.Namespace) -> int:
     from ..sample_data import load_sample
 
     images = load_sample(key)
-    viewer = napari.Viewer(title=f"napari-medfm demo ({key})", show=True)
-    try:
+
+    def setup(viewer: Any) -> None:
         add_images(viewer, images, args.window)
         if not args.no_widgets:
             docked, skipped = dock_all_widgets(viewer)
             print(f"docked widgets: {', '.join(docked) or 'none'}"
                   + (f"; not available yet: {', '.join(skipped)}" if skipped else ""))
-    except BaseException:
-        viewer.close()
-        raise
-    return finish(viewer, args.screenshot, args.quit_after)
+
+    return show_viewer(f"napari-medfm demo ({key})", setup, args)
 
 
 def register(sub: Any) -> None:

@@ -143,20 +143,16 @@ def run(args: argparse.Namespace) -> int:
                 f"{p.name}: not a medical image napari-medfm reads (DICOM, NIfTI, NRRD, "
                 "MHA/MHD, PNG/JPEG, TIFF/SVS/OME-TIFF)")
 
-    from .demo import dock_all_widgets, finish, require_display
+    from .demo import dock_all_widgets, require_display, show_viewer
 
     require_display("open")
-    import napari
 
-    viewer = napari.Viewer(title="napari-medfm", show=True)
-    try:
+    def setup(viewer: Any) -> None:
         open_in_viewer(viewer, paths, args.window)
         if args.widgets:
             dock_all_widgets(viewer)
-    except BaseException:
-        viewer.close()
-        raise
-    return finish(viewer, args.screenshot, args.quit_after)
+
+    return show_viewer("napari-medfm", setup, args)
 
 
 def register(sub: Any) -> None:
