@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MedfmError, ReadError
-from ..io.types import label_display_kwargs  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
