@@ -31,7 +31,7 @@ def _child(method: str, size: list[int], roi: int, bs: int, threads: int, device
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import UNet
 
-    from napari_medfm.tasks.progress import drain
+    from napari_medfm.progress import drain
     from napari_medfm.tasks.sliding_window import sliding_window_gen
 
     torch.set_num_threads(threads)

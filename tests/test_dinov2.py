@@ -105,7 +105,7 @@ def test_strict_and_incomplete_folders_refused(hub, tmp_path):
 
 def test_index_and_query_with_rad_dino(hub, real_data, tmp_path):
     from napari_medfm import io as mio
-    from napari_medfm.tasks.progress import drain
+    from napari_medfm.progress import drain
     from napari_medfm.tasks.retrieval.build import build_index, collect_inputs
     from napari_medfm.tasks.retrieval.query import query_task
 

@@ -219,7 +219,7 @@ def test_no_patient_identifiers_in_names_metadata_or_logs(tmp_path, caplog):
 
 
 def test_iter_read_yields_progress_and_can_be_cancelled():
-    from napari_medfm.tasks.progress import Progress
+    from napari_medfm.progress import Progress
 
     gen = dicom.iter_read(real_path(TOTALSEG))
     events = []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import real_path
 
-from napari_medfm.tasks.progress import drain
+from napari_medfm.progress import drain
 
 torch = pytest.importorskip("torch")
 

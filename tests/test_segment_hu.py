@@ -10,7 +10,7 @@ from conftest import real_path
 
 from napari_medfm.geometry import Geometry
 from napari_medfm.io.types import MedicalImage
-from napari_medfm.tasks.progress import drain
+from napari_medfm.progress import drain
 
 BONE_PREFIXES = ("vertebrae", "rib", "sternum", "hip", "femur", "sacrum", "humerus", "scapula",
                  "clavicula", "skull")

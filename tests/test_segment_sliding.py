@@ -7,7 +7,7 @@ import pytest
 
 from napari_medfm.geometry import Geometry
 from napari_medfm.io.types import MedicalImage
-from napari_medfm.tasks.progress import drain
+from napari_medfm.progress import drain
 
 torch = pytest.importorskip("torch")
 

@@ -183,7 +183,7 @@ def test_widget_coronal_volume_labels_sit_on_the_scan(make_napari_viewer, qtbot)
 
     from napari_medfm.io import volume
     from napari_medfm.io.types import MedicalImage
-    from napari_medfm.tasks.progress import drain
+    from napari_medfm.progress import drain
     from napari_medfm.tasks.segment import SegmentSettings, load_segmenter, segment
     from napari_medfm.widgets.segment import SegmentWidget
 

@@ -23,6 +23,11 @@ SUBCOMMAND_MODULES = (
     "zeroshot",
     "segment",
     "index",
+    "findings",
+    "report",
+    "validate",
+    "review",
+    "train",
 )
 
 

@@ -117,7 +117,7 @@ def register(subparsers: Any) -> None:
 
 
 def _run(gen: Any, args: argparse.Namespace, desc: str) -> Any:
-    from ..tasks.progress import drain, drain_with_tqdm
+    from ..progress import drain, drain_with_tqdm
 
     if getattr(args, "no_progress", False):
         return drain(gen)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..io import read
-    from ..tasks.progress import drain_with_tqdm
+    from ..progress import drain_with_tqdm
     from ..tasks.segment import (
         SegmentSettings,
         label_statistics,

@@ -68,7 +68,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     from ..runtime.registry import get_spec
-    from ..tasks.progress import drain_with_tqdm
+    from ..progress import drain_with_tqdm
 
     spec = get_spec(args.model)
     mgr = _manager()

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models.merlin.phenotypes import load_prompts
     from ..runtime.registry import get_spec, load_model
     from ..tasks.findings import findings_task, pick_volume
-    from ..tasks.progress import drain_with_tqdm
+    from ..progress import drain_with_tqdm
 
     spec = get_spec(args.model)
     if "zero-shot" not in spec.tasks:

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import MedfmError, ReadError, UnsupportedFormatError
 from ..geometry import Geometry
-from ..tasks.progress import Progress, drain
+from ..progress import Progress, drain
 from .types import MedicalImage
 
 __all__ = ["can_read", "read", "iter_read", "is_wsi_dicom", "is_dicom_file", "WSI_SOP_CLASS",

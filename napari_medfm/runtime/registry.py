@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,10 @@ SPEC_MODULES = (
     "napari_medfm.models.mermed.spec",
     "napari_medfm.models.dinov2.spec",
     "napari_medfm.models.segmenters.spec",
+    "napari_medfm.models.biomedclip.spec",
+    "napari_medfm.models.radfm.spec",
+    "napari_medfm.models.merlin_report.spec",
+    "napari_medfm.models.probe.spec",
 )
 
 
@@ -122,9 +127,24 @@ def load_model(model_id: str, weights: Any = None, device: Any = None, **kwargs:
     """Build model ``model_id`` and load its weights.
 
     ``weights`` is an explicit file/folder; otherwise the weights manager looks in
-    ``$MEDFM_HOME`` (never downloads: use ``medfm weights fetch``).
+    ``$MEDFM_HOME`` (never downloads: use ``medfm weights fetch``). An option the builder does
+    not take is a :class:`MedfmError` listing the options it does take; the built object is
+    checked against the contract of every task in ``spec.tasks``
+    (:mod:`napari_medfm.runtime.contracts`). Widgets and the CLI use the shared cache
+    (:func:`napari_medfm.runtime.cache.get_model`) instead of calling this directly.
     """
+    from .contracts import check_contracts
+
     spec = get_spec(model_id)
     modname, _, fn = spec.builder.partition(":")
     builder = getattr(importlib.import_module(modname), fn)
-    return builder(spec, weights=weights, device=device, **kwargs)
+    try:
+        bound = inspect.signature(builder).bind(spec, weights=weights, device=device, **kwargs)
+    except TypeError as exc:
+        params = [p.name for p in inspect.signature(builder).parameters.values()
+                  if p.kind == p.KEYWORD_ONLY]
+        raise MedfmError(f"{model_id}: {exc}; options of this model: "
+                         f"{', '.join(params) or 'none'}") from None
+    model = builder(*bound.args, **bound.kwargs)
+    check_contracts(model, spec.tasks, model_id)
+    return model

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WeightsError
-from ..tasks.progress import Progress, drain
+from ..progress import Progress, drain
 from .paths import weights_dir
 from .registry import ModelSpec, WeightFile, get_spec, list_specs
 

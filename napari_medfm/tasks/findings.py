@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import MedfmError, MixedSeriesError
 from ..io.types import MedicalImage
-from .progress import Progress
+from ..progress import Progress
 
 __all__ = [
     "FindingsResult",

@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import GeometryError, MedfmError, WrongModalityError
 from ..geometry import Geometry
 from ..io.types import MedicalImage
-from .progress import Progress
+from ..progress import Progress
 
 BUNDLE_PREFIX = "bundle:"
 
@@ -80,6 +80,10 @@ class Segmenter:
     weights_sha256: str | None = None
     default_roi: tuple[int, ...] | None = None
     uses_windows: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model_id, "weights_sha256": self.weights_sha256,
+                "labels": {int(k): v for k, v in self.label_names.items()}}
 
     def check_input(self, image: MedicalImage) -> None:
         """Refuse images the model is not made for (raise :class:`WrongModalityError`)."""

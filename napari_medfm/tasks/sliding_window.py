@@ -4,7 +4,7 @@
 computes for a predictor returning one tensor with the window's spatial size (same window grid
 from :func:`monai.data.utils.dense_patch_slices`, same blending weights from
 :func:`monai.data.utils.compute_importance_map`, same padding and cropping), but it is written as
-a generator that yields :class:`~napari_medfm.tasks.progress.Progress` after every batch of
+a generator that yields :class:`~napari_medfm.progress.Progress` after every batch of
 ``sw_batch_size`` windows. A napari worker therefore shows real progress and ``worker.quit()``
 stops the run within one batch; the CLI drains it with a progress bar.
 
@@ -24,7 +24,7 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from ..errors import MedfmError
-from .progress import Progress
+from ..progress import Progress
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import Any
 
-from ..tasks.progress import Progress
+from ..progress import Progress
 
 
 def start_task(

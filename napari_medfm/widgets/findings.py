@@ -33,7 +33,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..io.types import MedicalImage
-from ..tasks.progress import Progress
+from ..progress import Progress
 from ._common import format_error, layer_named, refill_combo, start_task
 
 _COLUMNS = ("Kind", "Name", "Probability", "")

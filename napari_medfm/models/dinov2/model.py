@@ -46,6 +46,11 @@ class Dinov2Encoder:
     def model_id(self) -> str:
         return self.spec.id
 
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model_id, "weights": self.weights_path,
+                "weights_sha256": self.weights_sha256, "device": str(self.device),
+                "precision": self.precision, "embedding_dim": self.embedding_dim}
+
     def _rgb(self, image: Any, modality: str | None, slice_index: Any) -> np.ndarray:
         return encoder2d.unit_rgb_uint8(image, size=self._short_side(),
                                         modality=modality or self.default_modality,

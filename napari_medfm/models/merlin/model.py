@@ -187,6 +187,11 @@ class MerlinModel:
         return self.fast if self.fast is not None else self.net
 
     @property
+    def embedding_dim(self) -> int:
+        """Length of ``image_embedding`` (2048 for the released ResNet-152)."""
+        return int(self.image_config.feature_dim)
+
+    @property
     def has_text(self) -> bool:
         return self._text_allowed
 
@@ -367,6 +372,11 @@ class MerlinModel:
         """Probability of each finding of ``prompts`` (default: the packaged 31 findings)."""
         ps = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts)
         return self.zero_shot_from(self.embed(image)["contrastive_embedding"], ps)
+
+    def findings(self, image: MedicalImage, *, prompts: PromptSet | str | Path | None = None
+                 ) -> list[dict[str, Any]]:
+        """The :class:`~napari_medfm.runtime.contracts.FindingsModel` contract (zero-shot)."""
+        return self.zero_shot(image, prompts)
 
     def five_year_risk(self, image: MedicalImage) -> list[dict[str, Any]]:
         """5-year risks (needs the five-year checkpoint); see :data:`FIVE_YEAR_NOTE`."""

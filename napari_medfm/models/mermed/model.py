@@ -228,6 +228,11 @@ class ViTEncoder2D:
     def model_id(self) -> str:
         return self.spec.id
 
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model_id, "weights": self.weights_path,
+                "weights_sha256": self.weights_sha256, "device": str(self.device),
+                "precision": self.precision, "embedding_dim": self.embedding_dim}
+
     def preprocess(self, image: Any, *, modality: str | None = None,
                    slice_index: int | str | None = None) -> np.ndarray:
         """MedicalImage -> normalised ``(3, S, S)`` float32."""

@@ -41,7 +41,7 @@ import numpy as np
 
 from ...errors import GeometryError, MedfmError, WeightsError
 from ...io.types import MedicalImage
-from ...tasks.progress import Progress
+from ...progress import Progress
 from ...tasks.segment import (
     BUNDLE_PREFIX,
     Segmenter,

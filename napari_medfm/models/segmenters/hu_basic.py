@@ -45,7 +45,7 @@ import numpy as np
 
 from ...geometry import Geometry
 from ...io.types import MedicalImage
-from ...tasks.progress import Progress
+from ...progress import Progress
 from ...tasks.segment import Segmenter, SegmentSettings, check_ct
 
 LABEL_NAMES: dict[int, str] = {1: "body", 2: "lungs", 3: "bone", 4: "fat", 5: "air"}

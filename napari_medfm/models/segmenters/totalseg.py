@@ -24,7 +24,7 @@ import numpy as np
 
 from ...errors import WeightsError
 from ...io.types import MedicalImage
-from ...tasks.progress import Progress
+from ...progress import Progress
 from ...tasks.segment import Segmenter, SegmentSettings, check_ct, resample_labels_to
 
 #: nnU-Net result folders of the ``total`` task (normal = 5 parts, fast = one 3 mm model).

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import MedfmError
-from ..progress import Progress
+from ...progress import Progress
 from .index import CaseIndex, CaseRecord, IndexCorruptError
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import numpy as np
 
 from ...errors import MedfmError, WeightsError
 from ...geometry import Geometry
-from ..progress import Progress
+from ...progress import Progress
 from .index import CaseIndex, Hit, IndexMismatchError
 
 _MODEL_CACHE: dict[tuple[str, str], Any] = {}

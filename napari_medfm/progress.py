@@ -20,6 +20,9 @@ class Progress:
     step: int
     total: int
     message: str = ""
+    #: optional partial result carried with the event (e.g. the text piece a report
+    #: generator just produced), so a GUI can show work as it arrives
+    data: Any = None
 
     @property
     def fraction(self) -> float:
