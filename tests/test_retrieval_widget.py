@@ -9,8 +9,8 @@ import torch
 from test_mermed import tiny_mermed_checkpoint
 
 from napari_medfm import io as mio
-from napari_medfm.runtime.registry import load_model
 from napari_medfm.progress import drain
+from napari_medfm.runtime.registry import load_model
 from napari_medfm.tasks.retrieval.build import build_index, collect_inputs
 from napari_medfm.tasks.retrieval.query import crop_image
 

@@ -105,7 +105,7 @@ def test_cache_lru_and_exclusive(fake_specs):
     cache.get("t-ok", size=3)  # evicts the least recently used (size=2)
     assert len(cache) == 2 and cache.get("t-ok", size=1) is a
     cache.get("t-big")  # a large model frees every other one
-    assert [k[0] for k in cache.keys()] == ["t-big"]
+    assert [k[0] for k in cache.keys()] == ["t-big"]  # noqa: SIM118
     cache.get("t-ok")  # and is freed itself when another model is asked for
-    assert [k[0] for k in cache.keys()] == ["t-ok"]
+    assert [k[0] for k in cache.keys()] == ["t-ok"]  # noqa: SIM118
     assert cache.evict() == 1 and len(cache) == 0

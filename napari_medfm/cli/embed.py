@@ -43,9 +43,9 @@ def model_kwargs(args: argparse.Namespace, family: str, text: bool | None) -> di
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..progress import drain_with_tqdm
     from ..runtime.registry import get_spec, load_model
     from ..tasks.findings import embed_files_task, output_paths
-    from ..progress import drain_with_tqdm
 
     spec = get_spec(args.model)
     if "embed" not in spec.tasks:

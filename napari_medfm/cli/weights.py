@@ -67,8 +67,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from ..runtime.registry import get_spec
     from ..progress import drain_with_tqdm
+    from ..runtime.registry import get_spec
 
     spec = get_spec(args.model)
     mgr = _manager()

@@ -19,9 +19,9 @@ from .embed import add_model_options, model_kwargs
 def run(args: argparse.Namespace) -> int:
     from ..io import read
     from ..models.merlin.phenotypes import load_prompts
+    from ..progress import drain_with_tqdm
     from ..runtime.registry import get_spec, load_model
     from ..tasks.findings import findings_task, pick_volume
-    from ..progress import drain_with_tqdm
 
     spec = get_spec(args.model)
     if "zero-shot" not in spec.tasks:
