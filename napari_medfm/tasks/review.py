@@ -173,7 +173,7 @@ def load_cohort(source: str | Path) -> list[Case]:
         if not images:
             raise MedfmError(f"{src}: the folder holds no images we can read")
         ids = _unique_ids([case_stem(p) for p in images])
-        return [Case(i, cid, p.resolve()) for i, (cid, p) in enumerate(zip(ids, images))]
+        return [Case(i, cid, Path(os.path.abspath(p))) for i, (cid, p) in enumerate(zip(ids, images))]
     with open(src, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         rows = [dict(r) for r in reader]
@@ -187,7 +187,7 @@ def load_cohort(source: str | Path) -> list[Case]:
         if not v or not str(v).strip():
             return None
         p = Path(str(v).strip()).expanduser()
-        return (p if p.is_absolute() else base / p).resolve()
+        return Path(os.path.abspath(p if p.is_absolute() else base / p))  # links kept
 
     cases = []
     norm = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in rows]
