@@ -24,8 +24,8 @@ SHA = "ab" * 32
 
 def make_cohort(root: Path, n: int = 5) -> Path:
     """``n`` cases (links to the corpus CT) with outputs by convention and by CSV column."""
-    from napari_medfm.tasks.validate import load_label_map
     from napari_medfm.io.writers import write_labels
+    from napari_medfm.tasks.validate import load_label_map
 
     ct, seg = real_path(CT), load_label_map(real_path(SEG))
     root.mkdir(parents=True, exist_ok=True)

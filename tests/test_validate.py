@@ -72,7 +72,7 @@ def test_eroded_copy_matches_monai(ref):
     rows = _drain(segmentation_metrics(pred, r, spacing, structs, case="ct"))
     assert [row["label"] for row in rows] == [names[v] for v in values]
     checked = 0
-    for i, (v, row) in enumerate(zip(values, rows)):
+    for i, (v, row) in enumerate(zip(values, rows, strict=True)):
         n_pred = int((pred == v).sum())
         assert row["volume_ref_ml"] == pytest.approx((r == v).sum() * 27 / 1000, abs=1e-3)
         assert row["volume_pred_ml"] == pytest.approx(n_pred * 27 / 1000, abs=1e-3)
@@ -108,7 +108,7 @@ def test_shift_by_known_mm_through_the_geometry(ref, tmp_path):
 
     boxes = ndimage.find_objects(r)
     n_interior = 0
-    for row, row95 in zip(res.rows, res95.rows):
+    for row, row95 in zip(res.rows, res95.rows, strict=True):
         v = next(k for k, n in ref.metadata["label_names"].items() if n == row["label"])
         b = boxes[v - 1]
         if b[2].start < 3 or b[2].stop > r.shape[2] - 3:  # touches the x border: clipped

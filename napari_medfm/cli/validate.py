@@ -26,11 +26,11 @@ from typing import Any
 
 
 def _print_table(rows: list[dict[str, Any]], cols: list[str], widths: list[int]) -> None:
-    print("  ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cols,
-                                                                                   widths))))
+    pairs = list(enumerate(zip(cols, widths, strict=True)))
+    print("  ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in pairs))
     for r in rows:
         cells = []
-        for i, (c, w) in enumerate(zip(cols, widths)):
+        for i, (c, w) in enumerate(zip(cols, widths, strict=True)):
             v = r.get(c)
             s = "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
             cells.append(f"{s[:w]:<{w}}" if i == 0 else f"{s[:w]:>{w}}")

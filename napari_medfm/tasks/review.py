@@ -51,6 +51,7 @@ No Qt or napari imports here.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -173,7 +174,7 @@ def load_cohort(source: str | Path) -> list[Case]:
         if not images:
             raise MedfmError(f"{src}: the folder holds no images we can read")
         ids = _unique_ids([case_stem(p) for p in images])
-        return [Case(i, cid, Path(os.path.abspath(p))) for i, (cid, p) in enumerate(zip(ids, images))]
+        return [Case(i, cid, Path(os.path.abspath(p))) for i, (cid, p) in enumerate(zip(ids, images, strict=True))]
     with open(src, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         rows = [dict(r) for r in reader]
@@ -195,7 +196,7 @@ def load_cohort(source: str | Path) -> list[Case]:
     if not norm:
         raise MedfmError(f"{src.name}: no rows with an image")
     ids = _unique_ids([r.get("id") or case_stem(r["image"]) for r in norm])
-    for i, (cid, r) in enumerate(zip(ids, norm)):
+    for i, (cid, r) in enumerate(zip(ids, norm, strict=True)):
         report = r.get("report") or None
         if report:
             rp = _path(report)
@@ -310,10 +311,8 @@ class ReviewStore:
 
     def close(self) -> None:
         with self._lock:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error:
-                pass
             self._db.close()
 
     def __enter__(self) -> ReviewStore:
@@ -395,7 +394,7 @@ class ReviewStore:
         sql = ("SELECT * FROM verdicts WHERE id IN (SELECT MAX(id) FROM verdicts "
                + ("WHERE case_id=? " if case_id else "") + "GROUP BY case_id, output)")
         rows = self._query(sql, (case_id,) if case_id else ())
-        return {(r["case_id"], r["output"]): {k: r[k] for k in r.keys() if k != "id"}
+        return {(r["case_id"], r["output"]): {k: v for k, v in dict(r).items() if k != "id"}
                 for r in rows}
 
     def history(self) -> list[dict[str, Any]]:

@@ -273,11 +273,6 @@ def _boxes(arr: np.ndarray) -> list[tuple[slice, ...] | None]:
     return ndimage.find_objects(a)
 
 
-def _counts(arr: np.ndarray) -> np.ndarray:
-    a = np.asarray(arr).reshape(-1)
-    return np.bincount(a.astype(np.intp, copy=False)) if a.size else np.zeros(1, np.int64)
-
-
 def _union_box(boxes: Sequence[tuple[slice, ...] | None], values: Iterable[int],
                acc: list[list[int]] | None) -> list[list[int]] | None:
     for v in values:
@@ -334,49 +329,60 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+def _present(boxes: Sequence[tuple[slice, ...] | None]) -> list[int]:
+    return [i + 1 for i, b in enumerate(boxes) if b is not None]
+
+
+def _crop(box: list[list[int]], shape: Sequence[int], margin: int) -> tuple[slice, ...]:
+    return tuple(slice(max(0, a - margin), min(shape[k], b + margin))
+                 for k, (a, b) in enumerate(box))
+
+
 def segmentation_metrics(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float],
                          structures: Sequence[Structure] | None = None, *,
                          hd_percentile: float | None = 95, case: str = "",
+                         boxes: tuple[Any, Any] | None = None,
                          ) -> Generator[Progress, None, list[dict[str, Any]]]:
     """Per-structure rows (:data:`SEG_COLUMNS`) for two label maps on one grid (numpy order).
 
-    One pass over each map for boxes and voxel counts, then MONAI on each structure's crop.
-    ``hd_percentile=None`` (or 100) gives the full Hausdorff distance (under ``hd95_mm``).
-    Yields one :class:`Progress` per structure.
+    One pass over each map finds every structure's box; masks, voxel counts and MONAI's
+    metrics are then computed on each structure's crop only. ``hd_percentile=None`` (or 100)
+    gives the full Hausdorff distance (under ``hd95_mm``). Yields one :class:`Progress` per
+    structure.
     """
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
         raise GeometryError(f"prediction {pred.shape} and reference {ref.shape} differ in shape "
                             "(align them first)")
+    pb, rb = boxes if boxes is not None else (_boxes(pred), _boxes(ref))
     if structures is None:
-        structures, _ = structures_to_score(np.flatnonzero(_counts(pred)),
-                                            np.flatnonzero(_counts(ref)), {}, {})
+        structures, _ = structures_to_score(_present(pb), _present(rb), {}, {})
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    pb, rb = _boxes(pred), _boxes(ref)
-    pc, rc = _counts(pred), _counts(ref)
     n = len(structures)
     yield Progress(0, n, f"{case}: {n} structures" if case else f"{n} structures")
     rows = []
     shape = pred.shape
     for i, s in enumerate(structures):
-        vp = sum(int(pc[v]) for v in s.pred_values if v < len(pc))
-        vr = sum(int(rc[v]) for v in s.ref_values if v < len(rc))
+        bp = _union_box(pb, s.pred_values, None)
+        br = _union_box(rb, s.ref_values, None)
         row: dict[str, Any] = {"case": case, "label": s.label, "dice": None, "hd95_mm": None,
-                               "asd_mm": None, "volume_pred_ml": round(vp * voxel_ml, 4),
-                               "volume_ref_ml": round(vr * voxel_ml, 4)}
-        if vp == 0 and vr == 0:
+                               "asd_mm": None, "volume_pred_ml": 0.0, "volume_ref_ml": 0.0}
+        if bp is None and br is None:
             row["note"] = "absent on both sides"
-        elif vp == 0 or vr == 0:
+        elif bp is None or br is None:
+            only = pred if br is None else ref
+            vals = s.pred_values if br is None else s.ref_values
+            vox = int(_mask(only[_crop(bp or br, shape, 0)], vals).sum())
+            row["volume_pred_ml" if br is None else "volume_ref_ml"] = round(vox * voxel_ml, 4)
             row["dice"] = 0.0
-            row["note"] = "missing in the prediction" if vp == 0 else "missing in the reference"
+            row["note"] = "missing in the prediction" if bp is None else "missing in the reference"
         else:
-            box = _union_box(pb, s.pred_values, None)
-            box = _union_box(rb, s.ref_values, box)
-            sl = tuple(slice(max(0, a - _MARGIN), min(shape[k], b + _MARGIN))
-                       for k, (a, b) in enumerate(box))
-            dice, hd, asd = _pair_metrics(_mask(pred[sl], s.pred_values),
-                                          _mask(ref[sl], s.ref_values), spacing_zyx,
-                                          hd_percentile)
+            box = _union_box(rb, s.ref_values, [list(x) for x in bp])
+            sl = _crop(box, shape, _MARGIN)
+            mp, mr = _mask(pred[sl], s.pred_values), _mask(ref[sl], s.ref_values)
+            row["volume_pred_ml"] = round(int(mp.sum()) * voxel_ml, 4)
+            row["volume_ref_ml"] = round(int(mr.sum()) * voxel_ml, 4)
+            dice, hd, asd = _pair_metrics(mp, mr, spacing_zyx, hd_percentile)
             row.update(dice=dice, hd95_mm=hd, asd_mm=asd)
         rows.append(row)
         yield Progress(i + 1, n, s.label)
@@ -428,11 +434,11 @@ def compare_label_maps(pred: MedicalImage, ref: MedicalImage, *,
     arr, notes = align_to_reference(pred, ref)
     r_arr = np.asarray(ref.data)
     pn, rn = _names_of(pred), _names_of(ref)
-    structs, msgs = structures_to_score(np.flatnonzero(_counts(arr)),
-                                        np.flatnonzero(_counts(r_arr)), pn, rn, mapping)
+    boxes = (_boxes(arr), _boxes(r_arr))
+    structs, msgs = structures_to_score(_present(boxes[0]), _present(boxes[1]), pn, rn, mapping)
     notes += msgs
     rows = yield from segmentation_metrics(arr, r_arr, _spacing_zyx(ref.geometry), structs,
-                                           hd_percentile=hd_percentile, case=case)
+                                           hd_percentile=hd_percentile, case=case, boxes=boxes)
     return CaseMetrics(case, rows, notes)
 
 
