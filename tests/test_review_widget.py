@@ -33,7 +33,8 @@ def test_review_dock_five_cases_edit_kill_and_resume(make_napari_viewer, qtbot, 
     original = tmp_path / "c" / "case0.seg.nii.gz"
     before = _sha(original)
     viewer = make_napari_viewer()
-    w = ReviewWidget(viewer)
+    _dock, w = viewer.window.add_plugin_dock_widget("napari-medfm", "Review")  # napari.yaml
+    assert isinstance(w, ReviewWidget)
     w.set_reviewer("Dr Test")
     w.open_cohort(csv_path, db)
     _wait_loaded(qtbot, w, 0)
@@ -62,12 +63,20 @@ def test_review_dock_five_cases_edit_kill_and_resume(make_napari_viewer, qtbot, 
     verdicts = {1: ("findings", "accept"), 2: ("report", "reject"), 3: ("segmentation", "accept"),
                 4: ("report", "accept")}
     for i in range(1, 5):
-        w.next_case()
+        if i == 1:
+            w.shortcuts[0].activated.emit()  # Alt+Right
+        else:
+            w.next_case()
         _wait_loaded(qtbot, w, i)
         out, v = verdicts[i]
         w.output_combo.setCurrentText(out)
         w.set_verdict(v, note=f"note {i}")
     assert w.findings_table.rowCount() == 0 and "No acute findings." in w.report_view.toPlainText()
+    assert w.labels_layer is None  # case 4 has no segmentation: run a model on demand
+    w.run_model("hu-basic")
+    qtbot.waitUntil(lambda: w.labels_layer is not None and w.worker is None, timeout=60_000)
+    assert w.labels_layer.name == "case4 segmentation" and "hu-basic" in w.case_label.text()
+    assert (db.with_name("review.db.outputs") / "case4.seg.nii.gz").is_file()
     w.previous_case()
     _wait_loaded(qtbot, w, 3)
     assert w.labels_layer.name == "case3 segmentation"
