@@ -112,7 +112,7 @@ def test_review_dock_five_cases_edit_kill_and_resume(make_napari_viewer, qtbot, 
     w.validate_findings(tmp_path / "p.csv", tmp_path / "l.csv", tmp_path / "m" / "f.csv",
                         n_boot=100)
     qtbot.waitUntil(lambda: w.findings_result is not None and w.worker is None, timeout=60_000)
-    assert not w.plot_label.pixmap().isNull()
+    assert not w.plot_label.pixmap().isNull() and not w.calibration_label.pixmap().isNull()
     assert (tmp_path / "m" / "f.roc.png").is_file()
     assert (tmp_path / "m" / "f.calibration.png").is_file()
     w.go_to(2)  # leave the dock on case 2

@@ -281,3 +281,22 @@ def test_cli_findings_long_csv_plots_and_messages(tmp_path, capsys):
     for kind in ("roc", "calibration"):
         png = out.with_name(f"findings.{kind}.png")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_seg_dicom_seg_against_nrrd(capsys):
+    from napari_medfm.cli import main
+    from napari_medfm.tasks.validate import load_label_map
+
+    dcm = real_path("ct/dcmqi_ct3slice_seg/liver_seg.dcm")
+    nrrd = real_path("ct/dcmqi_ct3slice_seg/liver_spine_seg.nrrd")
+    rc = main(["validate", "seg", "--pred", str(dcm), "--ref", str(nrrd), "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert [r["label"] for r in rows] == ["Liver", "label 2"]  # names from the DICOM-SEG
+    p = np.asarray(load_label_map(dcm).data)
+    r = np.asarray(load_label_map(nrrd).data)
+    sp = tuple(reversed(load_label_map(nrrd).geometry.spacing))
+    dice, hd, asd = _monai(p, r, sp, 1)
+    assert (rows[0]["dice"], rows[0]["hd95_mm"], rows[0]["asd_mm"]) == pytest.approx(
+        (dice, hd, asd), abs=1e-4)
+    assert rows[1]["dice"] == 0.0 and rows[1]["hd95_mm"] is None  # only in the reference

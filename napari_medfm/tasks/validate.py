@@ -238,7 +238,10 @@ def align_to_reference(pred: MedicalImage, ref: MedicalImage) -> tuple[np.ndarra
     nearest-neighbour resampling (SimpleITK; outside the prediction's field of view = 0).
     No overlap: :class:`GeometryError`.
     """
-    from .segment import resample_labels_to  # (moving to runtime/ upstream)
+    try:  # the one resampling helper: runtime/inference.py after the architecture move
+        from ..runtime.inference import resample_labels_to
+    except ImportError:  # base before the move
+        from .segment import resample_labels_to
 
     p_arr, r_arr = np.asarray(pred.data), np.asarray(ref.data)
     if pred.geometry.same_grid(ref.geometry, p_arr.shape, r_arr.shape):
@@ -541,6 +544,9 @@ def validate_segmentations(pred: str | Path, ref: str | Path, *,
         except MedfmError as exc:
             failed.append(case)
             messages.append(f"{case}: skipped: {exc}")
+        except Exception as exc:  # one unreadable case must not lose the others
+            failed.append(case)
+            messages.append(f"{case}: skipped: {type(exc).__name__}: {exc}")
         yield Progress(i + 1, n, case)
     return CohortMetrics(rows, messages, failed)
 

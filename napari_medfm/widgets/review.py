@@ -135,6 +135,8 @@ class ReviewWidget(QWidget):
         self.findings_button = QPushButton("Validate findings CSV...")
         self.plot_label = QLabel("")
         self.plot_label.setAlignment(Qt.AlignCenter)
+        self.calibration_label = QLabel("")
+        self.calibration_label.setAlignment(Qt.AlignCenter)
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.export_button = QPushButton("Export CSV...")
@@ -180,7 +182,10 @@ class ReviewWidget(QWidget):
         layout.addWidget(self.compare_button)
         layout.addWidget(self.seg_table)
         layout.addWidget(self.findings_button)
-        layout.addWidget(self.plot_label)
+        plots = QHBoxLayout()
+        plots.addWidget(self.plot_label)
+        plots.addWidget(self.calibration_label)
+        layout.addLayout(plots)
         layout.addWidget(self.status)
 
         self._fill_models()
@@ -619,10 +624,12 @@ class ReviewWidget(QWidget):
         res, figs, paths = out
         self.findings_result = res
         self.plots = figs
-        pix = QPixmap()
-        pix.loadFromData(figs["roc"], "PNG")
-        self.plot_label.setPixmap(pix.scaledToWidth(min(360, pix.width())))
-        self.plot_label.setToolTip("ROC curves; the calibration plot is saved beside the CSV")
+        for label, kind in ((self.plot_label, "roc"), (self.calibration_label, "calibration")):
+            pix = QPixmap()
+            pix.loadFromData(figs[kind], "PNG")
+            label.setPixmap(pix.scaledToWidth(min(220, pix.width()),
+                                              Qt.SmoothTransformation))
+            label.setToolTip(f"{kind} plot (full size saved next to the metrics CSV)")
         aucs = ", ".join(f"{r['finding']} {r['auroc']:.2f}" for r in res.rows
                          if r["auroc"] is not None)
         self._set_status(f"AUROC: {aucs or '-'}" + (f"; plots saved beside {Path(paths['roc']).parent}"
