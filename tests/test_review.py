@@ -134,6 +134,13 @@ def test_store_verdicts_edits_versions_and_export(tmp_path):
     assert by[("case0", "segmentation")]["weights_sha256"] == SHA
     assert by[("case1", "findings")]["verdict"] == "accept"
     store.close()
+    from napari_medfm.cli import main
+
+    assert main(["review", "export", str(tmp_path / "r.db"), "--out", str(tmp_path / "x.csv")]) == 0
+    with open(tmp_path / "x.csv", newline="") as fh:
+        assert list(csv.DictReader(fh)) == rows
+    assert main(["review", "status", str(tmp_path / "r.db")]) == 0
+    assert main(["review", "status", str(tmp_path / "none.db")]) == 2  # clear error, no store
 
 
 def test_store_keeps_every_committed_action_after_sigkill(tmp_path):

@@ -80,14 +80,14 @@ def test_eroded_copy_matches_monai(ref):
             assert row["dice"] == 0.0 and row["hd95_mm"] is None and row["asd_mm"] is None
             continue
         assert row["dice"] < 1.0 and row["hd95_mm"] >= 3.0  # one 3 mm voxel eroded
-        if i % 3:
-            continue  # MONAI on full-size masks is slow: every third structure
+        if i % 4:
+            continue  # MONAI on full-size masks is slow: every fourth structure
         dice, hd, asd = _monai(pred, r, spacing, v)
         assert row["dice"] == pytest.approx(dice, abs=1e-6)
         assert row["hd95_mm"] == pytest.approx(hd, abs=1e-4)
         assert row["asd_mm"] == pytest.approx(asd, abs=1e-4)
         checked += 1
-    assert checked >= 8
+    assert checked >= 6
 
 
 def test_shift_by_known_mm_through_the_geometry(ref, tmp_path):
