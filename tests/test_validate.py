@@ -129,6 +129,25 @@ def test_shift_by_known_mm_through_the_geometry(ref, tmp_path):
                                                                           abs=1e-4)
 
 
+def test_plate_shifted_along_its_normal_hd95_is_the_shift(ref):
+    """A 4-voxel-thick plate moved 2 voxels (6 mm) along its normal: most surface points move
+    exactly 6 mm, so HD95 is the shift itself (and equals MONAI's)."""
+    from napari_medfm.tasks.validate import segmentation_metrics
+
+    shape = np.asarray(ref.data).shape  # (30, 101, 122), 3 mm voxels
+    a = np.zeros(shape, np.uint8)
+    b = np.zeros(shape, np.uint8)
+    a[4:26, 20:80, 50:54] = 1
+    b[4:26, 20:80, 52:56] = 1
+    rows = _drain(segmentation_metrics(b, a, (3.0, 3.0, 3.0)))
+    assert rows[0]["hd95_mm"] == pytest.approx(6.0, abs=1e-5)
+    assert 3.0 < rows[0]["asd_mm"] < 6.0
+    assert rows[0]["dice"] == pytest.approx(0.5)
+    dice, hd, asd = _monai(b, a, (3.0, 3.0, 3.0), 1)
+    assert (rows[0]["dice"], rows[0]["hd95_mm"], rows[0]["asd_mm"]) == pytest.approx(
+        (dice, hd, asd), abs=1e-5)
+
+
 def test_lungs_against_five_lobes_by_name(ref, tmp_path):
     from napari_medfm.tasks.validate import compare_label_maps, load_label_map, read_label_mapping
 
