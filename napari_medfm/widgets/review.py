@@ -220,13 +220,16 @@ class ReviewWidget(QWidget):
 
     # ------------------------------------------------------------------ helpers
     def _fill_models(self) -> None:
+        """Models that can produce a missing output: ``(output, model id)`` per entry."""
         self.model_combo.clear()
-        self.model_combo.addItem("(segmentation model)", None)
+        self.model_combo.addItem("(model for a missing output)", None)
         try:
-            from ..tasks.segment import segmenter_choices
+            from ..runtime.registry import list_specs
 
-            for mid in segmenter_choices():
-                self.model_combo.addItem(mid, mid)
+            for output, task in (("segmentation", "segment"), ("findings", "findings"),
+                                 ("report", "report")):
+                for spec in list_specs(task=task):
+                    self.model_combo.addItem(f"{output}: {spec.id}", (output, spec.id))
         except Exception:  # a broken registry must not break the dock
             pass
 
@@ -516,22 +519,30 @@ class ReviewWidget(QWidget):
         self._set_status(f"Saved {Path(rec['path']).name} (version {rec['version']}; the model's "
                          "output is untouched).")
 
-    def run_model(self, model_id: str | None = None, device: str | None = None) -> Any:
-        """Run a segmentation model on the case on screen (worker), then reload the case."""
+    def run_model(self, model_id: str | None = None, output: str = "segmentation",
+                  device: str | None = None) -> Any:
+        """Run a model for one output (segmentation, findings or report) on the case on
+        screen (worker); the result is written to the work folder and the case reloaded."""
         from ..tasks.review import compute_outputs
 
-        mid = model_id or self.model_combo.currentData()
+        if model_id is None and self.model_combo.currentData():
+            output, model_id = self.model_combo.currentData()
+        mid = model_id
         if not mid or self.store is None or self.loaded is None:
-            self._set_status("Choose a segmentation model.")
+            self._set_status("Choose a model.")
+            return None
+        if output not in OUTPUTS:
+            self._set_status(f"Unknown output {output!r}.")
             return None
         if self.worker is not None:
             self._set_status("Busy: wait for the current task.")
             return None
         case, image, work = self.loaded.case, self.loaded.image, self.store.work_dir
 
+        kw = {f"{'segment' if output == 'segmentation' else output}_model": mid}
+
         def _task():
-            return (yield from compute_outputs(case, image, work, segment_model=mid,
-                                               device=device))
+            return (yield from compute_outputs(case, image, work, device=device, **kw))
 
         self._set_status(f"Running {mid} on {case.case_id}...")
         return self._start(_task, self._on_model_done, f"{mid} {case.case_id}")
