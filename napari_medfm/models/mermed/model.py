@@ -296,7 +296,7 @@ def _pick_device(device: Any) -> Any:
 
 def build(spec: Any, weights: Any = None, device: Any = None, *, vit_config: dict | None = None,
           checkpoint_key: str | None = None, modality: str | None = None,
-          num_heads: int | None = None, precision: str = "auto", **_: Any) -> ViTEncoder2D:
+          num_heads: int | None = None, precision: str = "auto") -> ViTEncoder2D:
     """Registry builder: load MerMED-FM (``.pth`` training checkpoint or converted safetensors).
 
     ``precision``: ``auto`` (fp32 on CPU, bf16/fp16 autocast on GPUs), ``fp32``, ``bf16``,
