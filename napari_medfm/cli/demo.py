@@ -142,8 +142,13 @@ def finish(viewer: Any, screenshot: str | None, quit_after: float | None) -> int
 def show_viewer(title: str, setup: Any, args: argparse.Namespace) -> int:
     """Open a napari window, fill it with ``setup(viewer)`` and run it (see :func:`finish`).
 
-    A failing ``setup`` closes the window again, so no empty viewer is left behind.
+    A failing ``setup`` closes the window again, so no empty viewer is left behind. This is the
+    GUI process of ``medfm demo``/``medfm open``: Triton is blocked here, before anything can
+    import torch (see :func:`napari_medfm.widgets.block_triton_in_gui`).
     """
+    from ..widgets import block_triton_in_gui
+
+    block_triton_in_gui()
     import napari
 
     viewer = napari.Viewer(title=title, show=True)
