@@ -7,6 +7,10 @@ between two timer shots longer than the interval is time the GUI thread spent do
 else: it cannot repaint, scroll or answer the cancel button. Printed per dock and per case:
 the worst gap, the 99th percentile and the mean gap (target: worst < 50 ms).
 
+Each dock is driven ``--repeat`` times (default 2): the first pass is *cold* (its worker imports
+torch, SimpleITK, highdicom ...: a C extension's initialisation holds the GIL, which no
+threading can hide), the later ones *warm* (what the dock itself costs the GUI thread).
+
 Cases: a real CT of the corpus (the 20-slice 512x512 DICOM series; ``--ct PATH`` for another
 file) and a synthetic 512x512x300 int16 volume (``--synthetic-shape``, ``--no-synthetic``).
 
@@ -198,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-real", action="store_true")
     ap.add_argument("--docks", nargs="*", help="display names to drive (default: all)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per dock run")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="drive each dock this many times: pass 1 is cold (the worker's first "
+                         "imports of torch/SimpleITK/highdicom hold the GIL for their C "
+                         "initialisation), later passes are warm (default 2)")
     args = ap.parse_args(argv)
 
     import napari
@@ -230,25 +238,31 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 pump(app, 0.5)
                 driver = DRIVERS.get(type(w).__name__, drive_generic)
-                tmp = Path(td) / f"{case}_{type(w).__name__}"
-                tmp.mkdir()
-                rec = GapRecorder()
-                rec.start()
-                t0 = time.perf_counter()
-                what = driver(w, app, args.timeout, tmp)
-                wall = time.perf_counter() - t0
-                stats = rec.stop()
-                rows.append((case, display, stats, wall, what))
-                print(f"{case:9s} {display:22s} worst {stats['worst_ms']:8.1f} ms  p99 "
-                      f"{stats['p99_ms']:7.1f} ms  mean {stats['mean_ms']:6.1f} ms  "
-                      f"({wall:.1f} s: {what})", flush=True)
+                for rep in range(1, args.repeat + 1):
+                    tmp = Path(td) / f"{case}_{type(w).__name__}_{rep}"
+                    tmp.mkdir()
+                    rec = GapRecorder()
+                    rec.start()
+                    t0 = time.perf_counter()
+                    what = driver(w, app, args.timeout, tmp)
+                    wall = time.perf_counter() - t0
+                    stats = rec.stop()
+                    label = "cold" if rep == 1 else "warm"
+                    rows.append((case, display, stats, wall, what, label))
+                    print(f"{case:9s} {display:22s} {label} worst {stats['worst_ms']:8.1f} ms  "
+                          f"p99 {stats['p99_ms']:7.1f} ms  mean {stats['mean_ms']:6.1f} ms  "
+                          f"({wall:.1f} s: {what})", flush=True)
+                    pump(app, 0.3)
                 viewer.window.remove_dock_widget(dock)
                 pump(app, 0.2)
             viewer.close()
             pump(app, 0.5)
-    worst = max((r[2]["worst_ms"] for r in rows), default=0.0)
-    print(f"overall worst gap {worst:.1f} ms (target < 50 ms): "
-          f"{'met' if worst < 50 else 'NOT met'}")
+    for label in ("cold", "warm"):
+        sel = [r[2]["worst_ms"] for r in rows if r[5] == label]
+        if sel:
+            worst = max(sel)
+            print(f"{label}: worst gap {worst:.1f} ms (target < 50 ms): "
+                  f"{'met' if worst < 50 else 'NOT met'}")
     return 0
 
 
