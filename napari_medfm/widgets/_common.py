@@ -66,12 +66,7 @@ def start_task(
     def _run():
         gen = gen_factory()
         try:
-            while True:
-                try:
-                    p = next(gen)
-                except StopIteration as stop:
-                    return stop.value
-                yield p
+            return (yield from gen)
         finally:
             gen.close()
 
