@@ -140,19 +140,27 @@ class SegmentationResult:
     source_metadata: dict[str, Any] = field(default_factory=dict)
     #: per-label statistics (:func:`label_statistics`), filled by :func:`segment_image`
     stats: list[dict[str, Any]] = field(default_factory=list)
+    _present: dict[int, str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
         """Layer name: ``"<image> <model>"``."""
         return f"{self.source_name} {self.model_id}"
 
-    def present_names(self) -> dict[int, str]:
-        """Names of the label values that occur (plus named values, value 0 excluded)."""
+    def present_names(self, refresh: bool = False) -> dict[int, str]:
+        """Names of the label values that occur (plus named values, value 0 excluded).
+
+        Computed once (``np.unique`` over the whole map: done in the worker by
+        :func:`segment_image`) and cached; ``refresh=True`` recomputes it after edits.
+        """
+        if self._present is not None and not refresh:
+            return dict(self._present)
         vals = {int(v) for v in np.unique(self.labels) if v}
         names = {int(k): v for k, v in self.label_names.items() if int(k)}
         for v in vals:
             names.setdefault(v, f"label {v}")
-        return dict(sorted(names.items()))
+        self._present = dict(sorted(names.items()))
+        return dict(self._present)
 
     def to_medical_image(self) -> MedicalImage:
         """As a label :class:`MedicalImage` (metadata: source keys + label names/colours)."""
@@ -311,7 +319,7 @@ def save_labels(result: SegmentationResult, path: str | Path) -> Path:
     DICOM reader): for other inputs a clear error says to pick a NIfTI/NRRD output instead.
     """
     p = Path(path)
-    names = result.present_names()
+    names = result.present_names(refresh=True)  # the labels may have been edited
     colors = {k: tuple(v) for k, v in result.label_colors.items() if k in names}
     if p.suffix.lower() == ".dcm":
         files = result.source_metadata.get("source_files")
