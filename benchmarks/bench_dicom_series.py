@@ -23,6 +23,13 @@ from pathlib import Path
 import numpy as np
 
 
+def corpus_dir() -> Path:
+    """The real test corpus: ``$MEDFM_TEST_DATA`` or ``../shared/data/real`` beside the checkout."""
+    env = os.environ.get("MEDFM_TEST_DATA")
+    return Path(env).expanduser() if env else \
+        Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
 def make_series(src: Path, out_dir: Path, n: int) -> None:
     import pydicom
     from pydicom.uid import generate_uid
@@ -92,9 +99,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="reuse/keep the generated series here")
     args = ap.parse_args()
 
-    from napari_medfm.runtime.paths import test_data_dir
-
-    src = test_data_dir() / "ct" / "dcmqi_ct3slice" / "01.dcm"
+    src = corpus_dir() / "ct" / "dcmqi_ct3slice" / "01.dcm"
     if not src.exists():
         sys.exit(f"corpus slice missing: {src}")
     tmp = None

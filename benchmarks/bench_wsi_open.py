@@ -35,6 +35,13 @@ from pathlib import Path
 import numpy as np
 
 
+def corpus_dir() -> Path:
+    """The real test corpus: ``$MEDFM_TEST_DATA`` or ``../shared/data/real`` beside the checkout."""
+    env = os.environ.get("MEDFM_TEST_DATA")
+    return Path(env).expanduser() if env else \
+        Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
 def _best(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -127,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NAPARI_ASYNC", "0")
 
     from napari_medfm.io import wsi
-    from napari_medfm.runtime.paths import test_data_dir
-
-    paths = args.paths or sorted((test_data_dir() / "pathology" / "wsi").glob("*"))
+    paths = args.paths or sorted((corpus_dir() / "pathology" / "wsi").glob("*"))
     paths = [p for p in paths if wsi.can_read(p)]
     if not paths:
         print("no whole-slide images found (set $MEDFM_TEST_DATA)", file=sys.stderr)

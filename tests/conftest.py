@@ -7,11 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from napari_medfm.runtime.paths import test_data_dir
 from napari_medfm.widgets import block_triton_in_gui
 
-# Triton's LLVM and Mesa's (llvmpipe) GL in one process segfault: the GUI never needs Triton.
+# The test process runs napari viewers: Triton's LLVM and Mesa's (llvmpipe) GL in one process
+# segfault, and the GUI never needs Triton (set here, for this process only: importing the
+# widgets does not do it).
 block_triton_in_gui()
+
+
+def test_data_dir() -> Path:
+    """Real test corpus: ``$MEDFM_TEST_DATA`` or ``../shared/data/real`` beside the checkout."""
+    env = os.environ.get("MEDFM_TEST_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
 
 REAL = test_data_dir()
 
@@ -34,9 +44,10 @@ def real_data() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_medfm_home(tmp_path_factory, monkeypatch):
-    """Never touch the user's cache: every test gets its own $MEDFM_HOME."""
+    """Never touch the user's cache or settings: every test gets its own $MEDFM_HOME/$MEDFM_CONFIG."""
     home = tmp_path_factory.mktemp("medfm_home")
     monkeypatch.setenv("MEDFM_HOME", str(home))
+    monkeypatch.setenv("MEDFM_CONFIG", str(home / "config"))  # trusted bundles etc.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     yield home
 

@@ -9,8 +9,7 @@ import SimpleITK as sitk
 
 from napari_medfm.errors import MissingDecoderError, ReadError
 from napari_medfm.io import dicom
-from napari_medfm.runtime.paths import test_data_dir
-from tests.conftest import real_path
+from tests.conftest import real_path, test_data_dir
 
 EDGE = test_data_dir() / "dicom_edge"
 EDGE_FILES = sorted(p.relative_to(test_data_dir()).as_posix() for p in EDGE.rglob("*.dcm")) if EDGE.is_dir() else []

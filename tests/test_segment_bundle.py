@@ -115,6 +115,7 @@ def test_bundle_without_invertd_is_resampled_onto_source_grid(tmp_path):
     """
     from napari_medfm.io import volume
     from napari_medfm.models.segmenters.bundle import write_demo_bundle
+    from napari_medfm.runtime.trust import trust_bundle
     from napari_medfm.tasks.segment import segment
 
     bundle = write_demo_bundle(tmp_path / "b35", roi_size=(32, 32, 32), pixdim=(3.5, 3.5, 3.5))
@@ -126,9 +127,11 @@ def test_bundle_without_invertd_is_resampled_onto_source_grid(tmp_path):
     # reference: argmax in the network's space, then MONAI inverts the labels nearest-neighbour
     cfg["postprocessing"]["transforms"] = [act, disc, dict(inv, nearest_interp=True), save]
     cfg_path.write_text(json.dumps(cfg))
+    trust_bundle(bundle)  # an edited config is untrusted until the user says otherwise
     ref = drain(segment(img, f"bundle:{bundle}"))
     cfg["postprocessing"]["transforms"] = [act, disc, save]  # no Invertd at all
     cfg_path.write_text(json.dumps(cfg))
+    trust_bundle(bundle)
     without = drain(segment(img, f"bundle:{bundle}"))
     assert without.geometry == img.geometry and without.labels.shape == img.shape
     assert len(np.unique(ref.labels)) >= 2

@@ -41,8 +41,9 @@ def _can_read(p: Path) -> bool:
     except ImportError as exc:  # a broken install: say so, but let other readers try
         log.warning("napari-medfm reader unavailable (%s); not opening %s", exc, p.name)
         return False
-    except Exception as exc:  # a sniffer must never break napari's reader loop
-        log.debug("napari-medfm can_read(%s) failed: %s", p, exc)
+    except Exception as exc:  # a sniffer bug must not break napari's reader loop: log it
+        log.debug("napari-medfm: sniffing %s raised %s: %s (a bug; not opening it)", p,
+                  type(exc).__name__, exc, exc_info=True)
         return False
 
 

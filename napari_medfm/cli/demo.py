@@ -33,27 +33,52 @@ def plugin_dock_widgets() -> list[tuple[str, str]]:
     return [(w.display_name, commands.get(w.command, "")) for w in manifest.contributions.widgets or []]
 
 
-def dock_all_widgets(viewer: Any) -> tuple[list[str], list[str]]:
+def dock_all_widgets(viewer: Any, *, tabify: bool = True) -> tuple[list[str], list[str]]:
     """Dock every plugin widget; ones whose module cannot be imported are skipped with a warning.
 
-    Returns ``(docked, skipped)`` display names.
+    With ``tabify`` (the default) all MedFM docks share one tabbed dock area (see
+    :func:`tabify_docks`), so the canvas keeps most of the window however many docks the
+    manifest lists. Returns ``(docked, skipped)`` display names.
     """
     import importlib
 
     docked: list[str] = []
     skipped: list[str] = []
+    docks: list[Any] = []
     for name, python_name in plugin_dock_widgets():
         module = python_name.partition(":")[0]
         try:
             importlib.import_module(module)
-            viewer.window.add_plugin_dock_widget(PLUGIN, name)
+            dock, _widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
         except Exception as exc:  # one broken/unfinished widget must not stop the demo
             log.warning("dock widget %r not available (%s: %s); continuing without it",
                         name, type(exc).__name__, exc)
             skipped.append(name)
         else:
             docked.append(name)
+            docks.append(dock)
+    if tabify:
+        tabify_docks(docks)
     return docked, skipped
+
+
+def tabify_docks(docks: list[Any], width: int = 360) -> None:
+    """Stack QDockWidgets as tabs of one dock area (the first one shown), ``width`` px wide."""
+    if len(docks) < 1:
+        return
+    main = docks[0].parentWidget()
+    if main is None or not hasattr(main, "tabifyDockWidget"):
+        return
+    for dock in docks[1:]:
+        main.tabifyDockWidget(docks[0], dock)
+    docks[0].show()
+    docks[0].raise_()
+    try:
+        from qtpy.QtCore import Qt
+
+        main.resizeDocks([docks[0]], [width], Qt.Orientation.Horizontal)
+    except Exception:  # noqa: BLE001 - cosmetic
+        log.debug("could not resize the MedFM dock area", exc_info=True)
 
 
 def require_display(command: str = "demo") -> None:
@@ -142,8 +167,13 @@ def finish(viewer: Any, screenshot: str | None, quit_after: float | None) -> int
 def show_viewer(title: str, setup: Any, args: argparse.Namespace) -> int:
     """Open a napari window, fill it with ``setup(viewer)`` and run it (see :func:`finish`).
 
-    A failing ``setup`` closes the window again, so no empty viewer is left behind.
+    A failing ``setup`` closes the window again, so no empty viewer is left behind. This is the
+    GUI process of ``medfm demo``/``medfm open``: Triton is blocked here, before anything can
+    import torch (see :func:`napari_medfm.widgets.block_triton_in_gui`).
     """
+    from ..widgets import block_triton_in_gui
+
+    block_triton_in_gui()
     import napari
 
     viewer = napari.Viewer(title=title, show=True)
@@ -153,6 +183,21 @@ def show_viewer(title: str, setup: Any, args: argparse.Namespace) -> int:
         viewer.close()
         raise
     return finish(viewer, args.screenshot, args.quit_after)
+
+
+def _roomy(viewer: Any, size: tuple[int, int] = (1440, 900)) -> None:
+    """Give the demo window room for the canvas (never larger than the screen)."""
+    try:
+        from qtpy.QtWidgets import QApplication
+
+        screen = QApplication.primaryScreen()
+        avail = screen.availableGeometry() if screen is not None else None
+        w, h = size
+        if avail is not None:
+            w, h = min(w, avail.width()), min(h, avail.height())
+        viewer.window.resize(w, h)
+    except Exception:  # noqa: BLE001 - cosmetic
+        log.debug("could not resize the demo window", exc_info=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
     images = load_sample(key)
 
     def setup(viewer: Any) -> None:
+        _roomy(viewer)
         add_images(viewer, images, args.window)
         if not args.no_widgets:
             docked, skipped = dock_all_widgets(viewer)

@@ -7,18 +7,19 @@
 Writes OUT (NIfTI/NRRD/MHA on INPUT's exact grid, or DICOM-SEG for ``.dcm`` when INPUT is
 DICOM) and always ``OUT.json``: labels {value: name}, per-label volume (mL) and mean/std HU,
 model id, weights sha256, settings, input geometry and elapsed time. ``--stats-csv`` adds the
-statistics table as CSV.
+statistics table as CSV. The flow itself is :func:`napari_medfm.tasks.segment.segment_file`.
+
+A MONAI bundle's config runs Python code: ``bundle:PATH`` is refused until the folder is trusted
+(``--trust-bundle`` once, remembered until its configs change).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
-from ..errors import MedfmError, MixedSeriesError
+from ..errors import MedfmError
 
 
 def _roi(values: list[int] | None) -> tuple[int, ...] | None:
@@ -33,68 +34,34 @@ def _roi(values: list[int] | None) -> tuple[int, ...] | None:
     return tuple(values)
 
 
-def _pick_volume(images: list[Any], path: Path, series: int | None) -> Any:
-    vols = [im for im in images if im.kind == "volume" and not im.is_label]
-    if not vols:
-        kinds = ", ".join(sorted({im.kind for im in images})) or "nothing"
-        raise MedfmError(f"{path.name}: no 3D volume to segment (found {kinds})")
-    if series is not None:
-        if not 0 <= series < len(vols):
-            raise MedfmError(f"--series {series}: {path.name} holds {len(vols)} volume(s)")
-        return vols[series]
-    if len(vols) > 1:
-        listing = "; ".join(f"{i}: {im.name} {im.shape}" for i, im in enumerate(vols))
-        raise MixedSeriesError(f"{path.name} holds {len(vols)} volumes ({listing}); choose one "
-                               "with --series N")
-    return vols[0]
-
-
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from ..io import read
     from ..progress import drain_with_tqdm
-    from ..tasks.segment import (
-        SegmentSettings,
-        label_statistics,
-        load_segmenter,
-        save_labels,
-        segment,
-        sidecar_dict,
-        sidecar_path,
-        write_sidecar,
-        write_statistics_csv,
-    )
+    from ..tasks.segment import SegmentSettings, bundle_folder, segment_file
 
-    t0 = time.perf_counter()
-    src = Path(args.input)
-    out = Path(args.output)
-    if out.suffix.lower() == ".json":
-        raise MedfmError(f"{out.name}: give the label file (e.g. seg.nii.gz); the JSON report is "
-                         "written beside it")
-    image = _pick_volume(read(src), src, args.series)
-    if out.suffix.lower() == ".dcm" and not image.metadata.get("source_files"):
-        raise MedfmError(f"{out.name}: DICOM-SEG output needs a DICOM input; {src.name} is not "
-                         "DICOM. Use --output OUT.nii.gz (or .nrrd/.mha) instead.")
+    folder = bundle_folder(args.model)
+    if folder is not None:
+        from ..runtime.trust import is_trusted, require_trusted, trust_bundle
+
+        if args.trust_bundle and folder.is_dir() and not is_trusted(folder):
+            trust_bundle(folder)
+            if not args.quiet:
+                print(f"trusted MONAI bundle {folder} (remembered until its configs change)",
+                      file=sys.stderr)
+        elif folder.is_dir():
+            require_trusted(folder)  # refuse before reading the input
     settings = SegmentSettings(roi_size=_roi(args.roi_size), overlap=args.overlap,
                                sw_batch_size=args.sw_batch_size, device=args.device,
                                precision=args.precision)
-    model = load_segmenter(args.model, weights=args.weights, device=args.device)
-    result = drain_with_tqdm(segment(image, model, settings), desc=f"segment {args.model}",
-                             disable=args.quiet)
-    result.elapsed_s = time.perf_counter() - t0
-    written = save_labels(result, out)
-    stats = label_statistics(result.labels, np.asarray(image.data), result.geometry,
-                             result.present_names())
-    doc = sidecar_dict(result, stats, input_path=src, output_path=written,
-                       image_shape=image.shape)
-    side = write_sidecar(sidecar_path(written), doc)
-    if args.stats_csv:
-        write_statistics_csv(stats, args.stats_csv)
+    done = drain_with_tqdm(
+        segment_file(args.input, args.output, args.model, settings, weights=args.weights,
+                     series=args.series, stats_csv=args.stats_csv),
+        desc=f"segment {args.model}", disable=args.quiet)
+    result = done.result
     if not args.quiet:
-        print(f"{written}  ({result.model_id}, {result.elapsed_s:.1f} s; report {side.name})")
+        print(f"{done.output}  ({result.model_id}, {result.elapsed_s:.1f} s; report "
+              f"{done.report.name})")
         print(f"  {'value':>5}  {'name':<28} {'volume mL':>11} {'mean HU':>9}")
-        for r in stats:
+        for r in result.stats:
             mean = "" if r.get("mean") is None else f"{r['mean']:.1f}"
             print(f"  {r['value']:>5}  {r['name'][:28]:<28} {r['volume_ml']:>11.2f} {mean:>9}")
     return 0
@@ -124,6 +91,9 @@ def register(sub: Any) -> None:
     p.add_argument("--series", type=int, default=None,
                    help="which volume when INPUT holds several (index, see the error)")
     p.add_argument("--stats-csv", help="also write per-label statistics as CSV")
+    p.add_argument("--trust-bundle", action="store_true",
+                   help="trust the bundle:PATH folder (its config runs Python code); remembered "
+                        "until its configs change. Without it an untrusted bundle is refused")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=run)
 

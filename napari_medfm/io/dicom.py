@@ -35,6 +35,7 @@ import numpy as np
 from ..errors import MedfmError, ReadError, UnsupportedFormatError
 from ..geometry import Geometry
 from ..progress import Progress, drain
+from ._sniff import sniff_errors
 from .types import MedicalImage
 
 __all__ = ["can_read", "read", "iter_read", "is_wsi_dicom", "is_dicom_file", "WSI_SOP_CLASS",
@@ -124,7 +125,7 @@ def is_wsi_dicom(path: str | os.PathLike[str]) -> bool:
         return False
     try:
         ds = _header(f, stop_before_pixels=True, specific_tags=["SOPClassUID", "Modality"])
-    except Exception:
+    except sniff_errors():  # garbled header; anything else is a bug: raise
         return False
     return _sop_class(ds) == WSI_SOP_CLASS
 

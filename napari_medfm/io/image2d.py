@@ -75,7 +75,7 @@ def can_read(path: Path) -> bool:
 
             return not is_wsi_tiff(p)
         return True
-    except Exception:
+    except OSError:  # unreadable file; anything else is a bug: raise
         return False
 
 

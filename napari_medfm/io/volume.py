@@ -64,11 +64,11 @@ def volume_stem(path: str | Path) -> str:
 
 
 def can_read(path: Path) -> bool:
-    """NIfTI / NRRD / MetaImage by file name (never raises)."""
+    """NIfTI / NRRD / MetaImage by file name (False for unreadable paths)."""
     try:
         p = Path(path)
         return p.is_file() and _suffix(p) is not None
-    except Exception:
+    except OSError:
         return False
 
 

@@ -26,7 +26,8 @@ Label names and colours
   colours.
 
 Writes are atomic: the file is written in a hidden temporary folder next to the target and
-moved into place with :func:`os.replace`; on any failure nothing is left behind.
+moved into place with :func:`os.replace` (:func:`napari_medfm.io.files.atomic_write`); on any
+failure nothing is left behind.
 
 No Qt, napari or torch imports here.
 """
@@ -34,9 +35,6 @@ No Qt, napari or torch imports here.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,10 +43,12 @@ import numpy as np
 
 from ..errors import MedfmError, UnsupportedFormatError
 from ..geometry import Geometry
+from .files import atomic_write, atomic_write_text
 from .types import MedicalImage
 
 __all__ = [
     "LABEL_EXTENSIONS",
+    "atomic_write",
     "SIDECAR_SUFFIX",
     "WriteError",
     "label_dtype",
@@ -90,15 +90,23 @@ def file_format(path: str | Path) -> str:
     )
 
 
-def sidecar_path(path: str | Path) -> Path:
-    """Path of the label-table sidecar of an image file: ``<stem>.labels.json``."""
+#: Output extensions stripped to form a sidecar's stem (label files plus DICOM-SEG ``.dcm``).
+_STEM_EXTENSIONS = (*LABEL_EXTENSIONS, ".dcm")
+
+
+def sidecar_path(path: str | Path, suffix: str = SIDECAR_SUFFIX) -> Path:
+    """The one sidecar naming rule: the file name without its format extension + ``suffix``.
+
+    ``liver.nii.gz`` -> ``liver.labels.json`` (the label table written by :func:`write_labels`);
+    with ``suffix=".json"``, ``seg.dcm`` -> ``seg.json`` (the run report of ``medfm segment``).
+    """
     p = Path(path)
     name = p.name
-    for ext in LABEL_EXTENSIONS:
+    for ext in _STEM_EXTENSIONS:
         if name.lower().endswith(ext) and len(name) > len(ext):
             name = name[: -len(ext)]
             break
-    return p.with_name(name + SIDECAR_SUFFIX)
+    return p.with_name(name + suffix)
 
 
 def label_dtype(labels: np.ndarray) -> np.dtype:
@@ -248,31 +256,6 @@ def _slicer_metadata(arr: np.ndarray, table: dict[int, dict[str, Any]]) -> dict[
     return md
 
 
-def atomic_write(path: Path, write_into: Any) -> Path:
-    """Run ``write_into(tmp_path)`` in a hidden temp folder beside ``path``, then move into place.
-
-    Every file the callback creates (e.g. a MetaImage ``.mhd`` plus its ``.zraw``) is moved
-    with :func:`os.replace`, data files first and ``path`` last; the temporary folder is
-    always removed, so a failure leaves neither a partial file nor debris.
-    """
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise WriteError(path, f"folder does not exist: {parent}")
-    tmpdir = Path(tempfile.mkdtemp(prefix=".medfm-tmp-", dir=parent))
-    try:
-        tmp = tmpdir / path.name
-        write_into(tmp)
-        if not tmp.is_file():
-            raise WriteError(path, "writer produced no file")
-        produced = sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name)
-        for f in produced:
-            os.replace(f, parent / f.name)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return path
-
-
 def _write_sitk(path: Path, image: Any, compress: bool) -> Path:
     import SimpleITK as sitk
 
@@ -285,13 +268,6 @@ def _write_sitk(path: Path, image: Any, compress: bool) -> Path:
                              + (msg[-1] if msg else "unknown error")) from exc
 
     return atomic_write(path, _write)
-
-
-def _write_json_atomic(path: Path, doc: Any) -> None:
-    def _write(tmp: Path) -> None:
-        tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-
-    atomic_write(path, _write)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -335,7 +311,7 @@ def write_labels(
         "image": p.name,
         "labels": [{"value": v, **e} for v, e in table.items()],
     }
-    _write_json_atomic(sidecar_path(p), doc)
+    atomic_write_text(sidecar_path(p), json.dumps(doc, indent=1) + "\n", mkdir=False)
     return p
 
 

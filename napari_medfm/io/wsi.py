@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import MissingDecoderError, ReadError
 from ..geometry import Geometry
+from ._sniff import sniff_errors
 from .types import MedicalImage
 
 __all__ = ["can_read", "read", "read_associated", "is_wsi_tiff", "WSI_DICOM_SOP_CLASS"]
@@ -78,12 +79,12 @@ def _is_dicom_wsi(path: Path) -> bool:
             return True
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"])
         return str(ds.get("SOPClassUID", "")) == WSI_DICOM_SOP_CLASS
-    except Exception:
+    except sniff_errors():  # not DICOM / truncated header; anything else is a bug: raise
         return False
 
 
 def is_wsi_tiff(path: Path) -> bool:
-    """Whether ``path`` is a TIFF we treat as a whole slide (never raises).
+    """Whether ``path`` is a TIFF we treat as a whole slide (False for unreadable/non-TIFF files).
 
     True for Aperio SVS / NDPI / SCN / Ventana BIF / QPTIFF, for any TIFF whose first series is
     a pyramid, for 2D (YX or YXS) OME-TIFFs, and for tiled TIFFs of at least 8192 pixels on a
@@ -110,7 +111,7 @@ def is_wsi_tiff(path: Path) -> bool:
                 return True
             page = tf.pages.first
             return bool(page.is_tiled and max(page.imagelength, page.imagewidth) >= _LARGE_TIFF_SIDE)
-    except Exception:
+    except sniff_errors():  # not a readable TIFF; anything else is a bug: raise
         return False
 
 
@@ -126,7 +127,7 @@ def can_read(path: Path) -> bool:
         if suffix in _DICOM_SUFFIXES or suffix.lstrip(".").isdigit():
             return _is_dicom_wsi(p)
         return False
-    except Exception:
+    except OSError:  # unreadable path
         return False
 
 

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,15 +90,32 @@ class ModelCache:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
+        exclusive = bool(get_spec(model_id).extras.get("exclusive", False))
+        return self.get_or_build(
+            key, lambda: load_model(model_id, weights=weights, device=device, **options),
+            exclusive=exclusive)
+
+    def get_or_build(self, key: tuple, build: Callable[[], Any], *,
+                     exclusive: bool = False) -> Any:
+        """The model cached under ``key``, else ``build()`` once (models without a registry
+        entry, e.g. a MONAI bundle folder keyed by its path and content hash)."""
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
             build_lock = self._building.setdefault(key, threading.Lock())
         with build_lock:  # one build per key, whatever the number of threads asking
             with self._lock:
                 if key in self._models:
                     self._models.move_to_end(key)
                     return self._models[key]
-            exclusive = bool(get_spec(model_id).extras.get("exclusive", False))
             self._make_room(exclusive)
-            model = load_model(model_id, weights=weights, device=device, **options)
+            try:
+                model = build()
+            except BaseException:
+                with self._lock:
+                    self._building.pop(key, None)
+                raise
             with self._lock:
                 self._models[key] = model
                 if exclusive:

@@ -1,4 +1,4 @@
-"""Where napari-medfm keeps weights and downloaded sample data (no network here)."""
+"""Where napari-medfm keeps weights, downloaded sample data and user settings (no network here)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,11 @@ def data_dir() -> Path:
     return medfm_home() / "data"
 
 
-def test_data_dir() -> Path:
-    """Real test corpus: ``$MEDFM_TEST_DATA`` or ``../shared/data/real`` beside the checkout."""
-    env = os.environ.get("MEDFM_TEST_DATA")
+def config_dir() -> Path:
+    """User settings (e.g. trusted MONAI bundles): ``$MEDFM_CONFIG`` or the user config dir."""
+    env = os.environ.get("MEDFM_CONFIG")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("napari-medfm", appauthor=False))

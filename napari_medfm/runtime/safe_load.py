@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import os
 import pickle
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -258,11 +257,13 @@ def _listing(title: str, names: list[str], n: int = 10) -> str:
 
 
 def load_strict(module: torch.nn.Module, sd: Mapping[str, Any], what: str | Path | None = None,
-                ) -> torch.nn.Module:
+                *, assign: bool = False) -> torch.nn.Module:
     """``module.load_state_dict(sd, strict=True)`` with a helpful :class:`WeightsError`.
 
     The error lists missing and unexpected keys (first 10 of each, with counts) and shape
-    mismatches, and names ``what`` (the checkpoint file that was expected).
+    mismatches, and names ``what`` (the checkpoint file that was expected). ``assign`` puts the
+    tensors themselves into the module (for a model built on the ``meta`` device: no
+    initialisation, no copy).
     """
     expected = module.state_dict()
     missing = [k for k in expected if k not in sd]
@@ -285,7 +286,7 @@ def load_strict(module: torch.nn.Module, sd: Mapping[str, Any], what: str | Path
             + (f". {name} expects the released {label};" if label else ".")
             + " is this a different model size/version, or the wrong file?")
     try:
-        module.load_state_dict(dict(sd), strict=True)
+        module.load_state_dict(dict(sd), strict=True, assign=assign)
     except RuntimeError as exc:  # e.g. dtype/device issues not caught above
         raise WeightsError(f"cannot load weights{' from ' + str(what) if what else ''} into "
                            f"{name}: {exc}") from None
@@ -305,7 +306,6 @@ def convert_to_safetensors(src: str | Path, dst: str | Path, *, prefix: str | No
     tensors (e.g. ``torch.bfloat16``). Shared tensors are cloned (safetensors forbids aliasing).
     """
     import torch
-    from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
     if allow is not None:
@@ -314,34 +314,49 @@ def convert_to_safetensors(src: str | Path, dst: str | Path, *, prefix: str | No
         sd = load_state_dict(src, mmap=False)
     if prefix:
         sd = extract_prefix(sd, prefix)
-    seen: set[int] = set()
     out: dict[str, torch.Tensor] = {}
     for k, t in sd.items():
         if not isinstance(t, torch.Tensor):
             continue
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        ptr = t.untyped_storage().data_ptr()
-        if (ptr and ptr in seen) or not t.is_contiguous() \
-                or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone().contiguous()  # safetensors stores no aliases or views
-        seen.add(t.untyped_storage().data_ptr())
-        out[str(k)] = t
+        out[str(k)] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     if not out:
         raise WeightsError(f"{src.name}: no tensors to convert")
     meta = {"format": "pt", "source": src.name, **dict(metadata or {})}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        save_file(out, str(tmp), metadata=meta)
-        os.replace(tmp, dst)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-    return dst
+    return save_safetensors(out, dst, metadata=meta)
+
+
+def save_safetensors(tensors: Mapping[str, Any], dst: str | Path, *,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """Write tensors as safetensors atomically (the one writer of converted weights).
+
+    Views and shared storage are cloned (safetensors stores no aliases); the file appears
+    only complete (:func:`napari_medfm.io.files.atomic_write`).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from ..io.files import atomic_write
+
+    dst = Path(dst)
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for k, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if (ptr and ptr in seen) or not t.is_contiguous() \
+                or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone().contiguous()
+        seen.add(t.untyped_storage().data_ptr())
+        out[str(k)] = t
+    if not out:
+        raise WeightsError(f"{dst.name}: no tensors to write")
+    return atomic_write(dst, lambda tmp: save_file(out, str(tmp), metadata=dict(metadata or {})),
+                        mkdir=True, fsync=True)
 
 
 __all__ = [
     "DEFAULT_ALLOW", "convert_to_safetensors", "extract_prefix", "flatten", "load_checkpoint",
-    "load_checkpoint_tensors", "load_state_dict", "load_strict", "tensors_only",
+    "load_checkpoint_tensors", "load_state_dict", "load_strict", "save_safetensors",
+    "tensors_only",
 ]

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable, Generator, Iterable
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WeightsError
+from ..io.files import atomic_write_json, sha256_file  # noqa: F401 - sha256_file re-exported
 from ..progress import Progress, drain
 from .paths import weights_dir
 from .registry import ModelSpec, WeightFile, get_spec, list_specs
@@ -51,23 +51,6 @@ OK, MISSING, PARTIAL, MISMATCH, UNPINNED = "ok", "missing", "partial", "hash mis
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def sha256_file(path: str | Path, chunk: int = DEFAULT_CHUNK,
-                callback: Callable[[int], Any] | None = None) -> str:
-    """Hex sha256 of a file, read in ``chunk``-byte blocks (``callback(bytes_done)`` per block)."""
-    h = hashlib.sha256()
-    done = 0
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            h.update(block)
-            done += len(block)
-            if callback is not None:
-                callback(done)
-    return h.hexdigest()
 
 
 def human_size(n: int | None, unknown: str = "unknown size") -> str:
@@ -181,11 +164,7 @@ class WeightsManager:
                                           "sha256": digest}
             # drop entries of files that are gone
             cache = {k: v for k, v in cache.items() if Path(k).exists()}
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".verified.", suffix=".tmp")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(cache, fh, indent=1, sort_keys=True)
-            os.replace(tmp, self._cache_path())
+            atomic_write_json(self._cache_path(), cache, indent=1, sort_keys=True)
         except OSError as exc:  # a read-only weights folder must not break loading
             log.debug("could not update the hash cache: %s", exc)
 

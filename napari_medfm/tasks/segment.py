@@ -22,24 +22,38 @@ No Qt/napari imports; torch/MONAI only inside functions.
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import GeometryError, MedfmError, WrongModalityError
+from ..errors import GeometryError, MedfmError, MixedSeriesError
 from ..geometry import Geometry
+from ..io.files import atomic_open, atomic_write_json
 from ..io.types import MedicalImage
+from ..models.segmenters.base import (  # noqa: F401 - re-exported: the segmentation API
+    BUNDLE_PREFIX,
+    NetworkSegmenter,
+    Segmenter,
+    SegmentSettings,
+    WindowedSegmenter,
+)
 from ..progress import Progress
+from ..runtime.checks import check_ct  # noqa: F401 - re-exported
+from ..runtime.inference import (  # noqa: F401 - re-exported
+    batches,
+    geometry_of_metatensor,
+    relay,
+    resample_labels_to,
+    to_metatensor,
+)
 
-BUNDLE_PREFIX = "bundle:"
+#: The run report written beside every output: ``OUT.json``.
+REPORT_SUFFIX = ".json"
 
 #: Colours for label values without one (cycled), 0-255 RGB.
 _PALETTE = [
@@ -55,89 +69,49 @@ def default_colors(label_names: dict[int, str]) -> dict[int, list[int]]:
     return {int(v): list(_PALETTE[(int(v) - 1) % len(_PALETTE)]) for v in label_names if int(v)}
 
 
-@dataclass
-class SegmentSettings:
-    """User-tunable inference settings (ignored by models they do not apply to)."""
-
-    roi_size: tuple[int, ...] | None = None  # None: the model's own default
-    overlap: float | None = None  # None: the model's default (0.25 unless a bundle says)
-    sw_batch_size: int | None = None  # None: the model's default (1 unless a bundle says)
-    device: str | None = None  # None/"auto": cuda > mps > cpu
-    precision: str = "fp32"  # fp32 | fp16 | bf16 | auto
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["roi_size"] = list(self.roi_size) if self.roi_size else None
-        return d
-
-
-class Segmenter:
-    """A segmentation model that labels a :class:`MedicalImage` on its own voxel grid."""
-
-    model_id: str = "segmenter"
-    label_names: dict[int, str]
-    label_colors: dict[int, list[int]]
-    weights_sha256: str | None = None
-    default_roi: tuple[int, ...] | None = None
-    uses_windows: bool = False
-
-    def describe(self) -> dict[str, Any]:
-        return {"model": self.model_id, "weights_sha256": self.weights_sha256,
-                "labels": {int(k): v for k, v in self.label_names.items()}}
-
-    def check_input(self, image: MedicalImage) -> None:
-        """Refuse images the model is not made for (raise :class:`WrongModalityError`)."""
-        if image.kind != "volume" or image.rgb or image.multiscale or len(image.shape) != 3:
-            raise WrongModalityError(
-                f"{self.model_id} segments 3D volumes; {image.name!r} is a {image.kind} of shape "
-                f"{image.shape}")
-
-    def run(self, image: MedicalImage,
-            settings: SegmentSettings) -> Generator[Progress, None, np.ndarray]:
-        """Yield progress; return integer labels with ``image``'s shape (numpy order)."""
-        raise NotImplementedError
-
-
-def check_ct(image: MedicalImage, model_id: str) -> None:
-    """CT (or an unlabelled volume that looks like HU) only."""
-    units = str(image.metadata.get("units", "")).upper()
-    if image.modality == "CT" or units == "HU":
-        return
-    if image.modality in ("OT", "", None):
-        arr = np.asarray(image.data)
-        if arr.size and float(arr.min()) < -500:  # air in HU
-            return
-    raise WrongModalityError(
-        f"{model_id} is a CT model (Hounsfield units) but {image.name!r} is {image.modality}"
-        f"{' with units ' + units if units else ''}; use a model for that modality")
-
-
 # ----------------------------------------------------------------------------- loading
+
+
+def bundle_folder(name: str) -> Path | None:
+    """The folder of a ``bundle:PATH`` model id (None for registry models)."""
+    if not name.startswith(BUNDLE_PREFIX):
+        return None
+    folder = name[len(BUNDLE_PREFIX):]
+    if not folder:
+        raise MedfmError("bundle:PATH needs the path of a MONAI bundle folder, e.g. "
+                         "bundle:/data/spleen_ct_segmentation")
+    return Path(folder).expanduser()
 
 
 def load_segmenter(name: str, weights: str | Path | None = None,
                    device: str | None = None) -> Segmenter:
-    """A ready :class:`Segmenter` for ``hu-basic``, ``totalsegmentator`` or ``bundle:PATH``.
+    """A ready :class:`Segmenter` for ``hu-basic``, ``totalsegmentator`` or ``bundle:PATH``,
+    from the process-wide model cache (:func:`napari_medfm.runtime.cache.get_model`).
 
     ``bundle:PATH`` is resolved directly (no registry entry): PATH is a local MONAI bundle
     folder with ``configs/inference.json``, ``configs/metadata.json`` and ``models/model.pt``
-    (or ``model.ts``); ``weights`` then overrides the checkpoint file.
+    (or ``model.ts``); ``weights`` then overrides the checkpoint file. A bundle runs only once
+    it is trusted (:mod:`napari_medfm.runtime.trust`): its config is code.
     """
-    if name.startswith(BUNDLE_PREFIX):
-        from ..models.segmenters.bundle import BundleSegmenter
+    from ..runtime.cache import cache_key, get_model, model_cache
 
-        folder = name[len(BUNDLE_PREFIX):]
-        if not folder:
-            raise MedfmError("bundle:PATH needs the path of a MONAI bundle folder, e.g. "
-                             "bundle:/data/spleen_ct_segmentation")
-        return BundleSegmenter(folder, weights=weights, device=device)
-    from ..runtime.registry import get_spec, load_model
+    folder = bundle_folder(name)
+    if folder is not None:
+        from ..models.segmenters.bundle import BundleSegmenter
+        from ..runtime.trust import bundle_hash
+
+        if not folder.is_dir():
+            raise MedfmError(f"{folder}: bundle folder not found")
+        key = (*cache_key(name, weights, device), bundle_hash(folder))
+        return model_cache.get_or_build(
+            key, lambda: BundleSegmenter(folder, weights=weights, device=device))
+    from ..runtime.registry import get_spec
 
     spec = get_spec(name)
     if "segment" not in spec.tasks:
         raise MedfmError(f"{name} is not a segmentation model (tasks: {', '.join(spec.tasks)}); "
                          "segmentation models: hu-basic, totalsegmentator, bundle:PATH")
-    return load_model(name, weights=weights, device=device)
+    return get_model(name, weights=weights, device=device)
 
 
 def segmenter_choices() -> list[str]:
@@ -164,19 +138,29 @@ class SegmentationResult:
     elapsed_s: float
     source_name: str = "image"
     source_metadata: dict[str, Any] = field(default_factory=dict)
+    #: per-label statistics (:func:`label_statistics`), filled by :func:`segment_image`
+    stats: list[dict[str, Any]] = field(default_factory=list)
+    _present: dict[int, str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
         """Layer name: ``"<image> <model>"``."""
         return f"{self.source_name} {self.model_id}"
 
-    def present_names(self) -> dict[int, str]:
-        """Names of the label values that occur (plus named values, value 0 excluded)."""
+    def present_names(self, refresh: bool = False) -> dict[int, str]:
+        """Names of the label values that occur (plus named values, value 0 excluded).
+
+        Computed once (``np.unique`` over the whole map: done in the worker by
+        :func:`segment_image`) and cached; ``refresh=True`` recomputes it after edits.
+        """
+        if self._present is not None and not refresh:
+            return dict(self._present)
         vals = {int(v) for v in np.unique(self.labels) if v}
         names = {int(k): v for k, v in self.label_names.items() if int(k)}
         for v in vals:
             names.setdefault(v, f"label {v}")
-        return dict(sorted(names.items()))
+        self._present = dict(sorted(names.items()))
+        return dict(self._present)
 
     def to_medical_image(self) -> MedicalImage:
         """As a label :class:`MedicalImage` (metadata: source keys + label names/colours)."""
@@ -190,14 +174,14 @@ class SegmentationResult:
                             name=self.name, metadata=md, is_label=True)
 
 
-def segment(image: MedicalImage, model: Segmenter | str,
+def segment(image: MedicalImage, model: Any,
             settings: SegmentSettings | None = None, *, weights: str | Path | None = None,
             ) -> Generator[Progress, None, SegmentationResult]:
     """Segment ``image``; yields progress, returns a :class:`SegmentationResult` on its grid."""
     settings = settings or SegmentSettings()
     t0 = time.perf_counter()
-    seg = model if isinstance(model, Segmenter) else load_segmenter(model, weights=weights,
-                                                                   device=settings.device)
+    seg = load_segmenter(model, weights=weights, device=settings.device) \
+        if isinstance(model, str) else model
     seg.check_input(image)
     labels = yield from seg.run(image, settings)
     labels = np.asarray(labels)
@@ -263,23 +247,6 @@ def label_statistics(labels: np.ndarray, intensities: np.ndarray | None, geometr
 STAT_COLUMNS = ("value", "name", "voxels", "volume_ml", "mean", "std")
 
 
-def _atomic_text(path: Path, write: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            write(fh)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; use the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_statistics_csv(rows: Sequence[dict[str, Any]], path: str | Path,
                          unit: str = "HU") -> Path:
     """Write statistics rows as CSV (atomic). Columns: value, name, voxels, volume_ml, mean/std."""
@@ -293,7 +260,9 @@ def write_statistics_csv(rows: Sequence[dict[str, Any]], path: str | Path,
                         "" if r.get("mean") is None else r["mean"],
                         "" if r.get("std") is None else r["std"]])
 
-    return _atomic_text(Path(path), _w)
+    with atomic_open(path, "w", newline="") as fh:
+        _w(fh)
+    return Path(path)
 
 
 def sidecar_dict(result: SegmentationResult, stats: Sequence[dict[str, Any]], *,
@@ -330,17 +299,17 @@ def sidecar_dict(result: SegmentationResult, stats: Sequence[dict[str, Any]], *,
 
 
 def sidecar_path(output: str | Path) -> Path:
-    """``OUT.nii.gz`` -> ``OUT.json`` (also ``.nii``, ``.nrrd``, ``.mha``, ``.dcm``)."""
-    p = Path(output)
-    name = p.name
-    for ext in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
-        if name.lower().endswith(ext):
-            return p.with_name(name[: -len(ext)] + ".json")
-    return p.with_name(name + ".json")
+    """The run report beside an output: ``OUT.nii.gz`` -> ``OUT.json`` (also ``.nii``, ``.nrrd``,
+    ``.mha``, ``.dcm``); the one stem rule of :func:`napari_medfm.io.writers.sidecar_path`
+    (which names the label table ``OUT.labels.json`` the same way)."""
+    from ..io.writers import sidecar_path as _sidecar
+
+    return _sidecar(output, REPORT_SUFFIX)
 
 
 def write_sidecar(path: str | Path, doc: dict[str, Any]) -> Path:
-    return _atomic_text(Path(path), lambda fh: json.dump(doc, fh, indent=2))
+    """Write the JSON run report (atomic)."""
+    return atomic_write_json(path, doc, indent=2)
 
 
 def save_labels(result: SegmentationResult, path: str | Path) -> Path:
@@ -350,7 +319,7 @@ def save_labels(result: SegmentationResult, path: str | Path) -> Path:
     DICOM reader): for other inputs a clear error says to pick a NIfTI/NRRD output instead.
     """
     p = Path(path)
-    names = result.present_names()
+    names = result.present_names(refresh=True)  # the labels may have been edited
     colors = {k: tuple(v) for k, v in result.label_colors.items() if k in names}
     if p.suffix.lower() == ".dcm":
         files = result.source_metadata.get("source_files")
@@ -370,139 +339,125 @@ def save_labels(result: SegmentationResult, path: str | Path) -> Path:
                         label_colors=colors)
 
 
-# ----------------------------------------------------------------------------- generic network
+# ----------------------------------------------------------------------------- orchestration
+# The one segmentation flow: ``medfm segment`` drains segment_file, the Segmentation dock runs
+# segment_image (and save_outputs) in workers. Neither shell repeats any of it.
 
 
-def to_metatensor(image: MedicalImage, dtype: Any = np.float32) -> Any:
-    """The image as a MONAI ``MetaTensor`` ``(X, Y, Z)`` (no channel) with its RAS affine.
+def segment_image(image: MedicalImage, model: Any, settings: SegmentSettings | None = None, *,
+                  weights: str | Path | None = None,
+                  ) -> Generator[Progress, None, SegmentationResult]:
+    """Segment an in-memory image and compute its statistics (``result.stats``).
 
-    This is what ``LoadImage`` gives for the same data read from a NIfTI file (array in (i, j, k) index order, ``affine`` index -> RAS mm), so MONAI transforms
-    behave identically on a napari layer and on a file.
+    ``image.data`` may be a lazy/array-like view of a layer: it is materialised here (in the
+    caller's worker thread), never on the GUI thread.
     """
-    import torch
-    from monai.data import MetaTensor
-
-    arr = np.asarray(image.data)
-    xyz = np.ascontiguousarray(np.transpose(arr, (2, 1, 0))).astype(dtype, copy=False)
-    aff = torch.as_tensor(image.geometry.affine_ras(), dtype=torch.float64)
-    meta = {"original_affine": image.geometry.affine_ras(),
-            "spatial_shape": np.asarray(xyz.shape), "original_channel_dim": float("nan"),
-            "space": "RAS", "filename_or_obj": image.name}
-    return MetaTensor(torch.from_numpy(xyz), affine=aff, meta=meta)
+    if not isinstance(image.data, np.ndarray) and not image.multiscale:
+        image = _materialised(image)
+    result = yield from segment(image, model, settings, weights=weights)
+    result.stats = label_statistics(result.labels, image.data, result.geometry,
+                                    result.present_names())
+    return result
 
 
-def geometry_of_metatensor(t: Any) -> Geometry:
-    """Geometry of a channel-first MetaTensor (its RAS affine)."""
-    return Geometry.from_affine_ras(np.asarray(t.affine, dtype=float))
+def _materialised(image: MedicalImage) -> MedicalImage:
+    from dataclasses import replace
+
+    return replace(image, data=np.asarray(image.data))
 
 
-def resample_labels_to(labels_xyz: np.ndarray, src: Geometry, dst: Geometry,
-                       dst_shape_zyx: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resample of a (x, y, z)-order label array on ``src`` onto ``dst``.
+def pick_volume(images: Sequence[MedicalImage], path: str | Path,
+                series: int | None = None) -> MedicalImage:
+    """The one 3D volume of a read (``series`` picks among several, else a clear error)."""
+    path = Path(path)
+    vols = [im for im in images if im.kind == "volume" and not im.is_label]
+    if not vols:
+        kinds = ", ".join(sorted({im.kind for im in images})) or "nothing"
+        raise MedfmError(f"{path.name}: no 3D volume to segment (found {kinds})")
+    if series is not None:
+        if not 0 <= series < len(vols):
+            raise MedfmError(f"--series {series}: {path.name} holds {len(vols)} volume(s)")
+        return vols[series]
+    if len(vols) > 1:
+        listing = "; ".join(f"{i}: {im.name} {im.shape}" for i, im in enumerate(vols))
+        raise MixedSeriesError(f"{path.name} holds {len(vols)} volumes ({listing}); choose one "
+                               "with --series N")
+    return vols[0]
 
-    Uses SimpleITK; voxels of ``dst`` outside ``src``'s field of view become 0.
+
+def check_output(output: str | Path, image: MedicalImage | None = None,
+                 source: str | Path | None = None) -> None:
+    """Refuse an output name (or, given the image, an output it cannot go to) before any work."""
+    out = Path(output)
+    if out.suffix.lower() == ".json":
+        raise MedfmError(f"{out.name}: give the label file (e.g. seg.nii.gz); the JSON report is "
+                         "written beside it")
+    if image is not None and out.suffix.lower() == ".dcm" \
+            and not image.metadata.get("source_files"):
+        what = Path(source).name if source is not None else repr(image.name)
+        raise MedfmError(f"{out.name}: DICOM-SEG output needs a DICOM input; {what} is not "
+                         "DICOM. Use --output OUT.nii.gz (or .nrrd/.mha) instead.")
+
+
+@dataclass
+class SegmentFileResult:
+    """What :func:`segment_file` wrote."""
+
+    result: SegmentationResult
+    output: Path
+    report: Path
+    stats_csv: Path | None = None
+
+
+def save_outputs(result: SegmentationResult, output: str | Path, *,
+                 input_path: str | Path | None = None,
+                 image_shape: Sequence[int] | None = None, report: bool = True,
+                 stats_csv: str | Path | None = None) -> Generator[Progress, None, SegmentFileResult]:
+    """Write the labels (NIfTI/NRRD/MHA/DICOM-SEG), the JSON run report and optional CSV."""
+    n = 1 + int(report) + int(stats_csv is not None)
+    yield Progress(0, n, f"writing {Path(output).name}")
+    written = save_labels(result, output)
+    side = sidecar_path(written)
+    if report:
+        yield Progress(1, n, "writing the run report")
+        doc = sidecar_dict(result, result.stats, input_path=input_path, output_path=written,
+                           image_shape=image_shape)
+        side = write_sidecar(side, doc)
+    csv_path = None
+    if stats_csv is not None:
+        csv_path = write_statistics_csv(result.stats, stats_csv)
+    yield Progress(n, n, f"saved {written.name}")
+    return SegmentFileResult(result=result, output=written, report=side, stats_csv=csv_path)
+
+
+def segment_file(input_path: str | Path, output: str | Path, model: Any,
+                 settings: SegmentSettings | None = None, *, weights: str | Path | None = None,
+                 series: int | None = None, stats_csv: str | Path | None = None,
+                 ) -> Generator[Progress, None, SegmentFileResult]:
+    """Read ``input_path``, segment its volume and write ``output`` + ``OUT.json`` (+ CSV).
+
+    The whole ``medfm segment`` flow; ``result.elapsed_s`` covers reading to writing.
     """
-    import SimpleITK as sitk
+    from ..io import read
 
-    lab_zyx = np.ascontiguousarray(np.transpose(labels_xyz, (2, 1, 0)))
-    img = src.to_sitk(lab_zyx.astype(np.uint16))
-    ref = dst.to_sitk(np.zeros(tuple(dst_shape_zyx), dtype=np.uint8))
-    out = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                        sitk.sitkUInt16)
-    return sitk.GetArrayFromImage(out)
-
-
-class NetworkSegmenter(Segmenter):
-    """A torch network run MONAI-Label style: RAS + spacing + intensity window -> sliding
-    window -> softmax/argmax -> nearest-neighbour resample back onto the source grid.
-
-    ``network`` maps ``(N, 1, *roi)`` windows to ``(N, C, *roi)`` logits; channel ``c`` is
-    label value ``c``.
-    """
-
-    uses_windows = True
-
-    def __init__(self, network: Any, label_names: dict[int, str], *, model_id: str,
-                 roi_size: Sequence[int], spacing: Sequence[float] | None = (1.5, 1.5, 1.5),
-                 intensity: tuple[float, float, float, float] | None = (-1000, 1000, 0, 1),
-                 device: Any = None, weights_sha256: str | None = None,
-                 label_colors: dict[int, list[int]] | None = None, ct_only: bool = True):
-        self.network = network
-        self.model_id = model_id
-        self.label_names = {int(k): v for k, v in label_names.items()}
-        self.label_colors = dict(label_colors or {})
-        self.default_roi = tuple(int(r) for r in roi_size)
-        self.spacing = tuple(spacing) if spacing else None
-        self.intensity = intensity
-        self.weights_sha256 = weights_sha256
-        self.ct_only = ct_only
-        self._device = device
-
-    def check_input(self, image: MedicalImage) -> None:
-        super().check_input(image)
-        if self.ct_only:
-            check_ct(image, self.model_id)
-
-    def preprocess(self, image: MedicalImage) -> Any:
-        from monai.transforms import Orientation, ScaleIntensityRange, Spacing
-
-        x = to_metatensor(image)[None]  # (1, X, Y, Z)
-        x = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(x)
-        if self.spacing:
-            x = Spacing(pixdim=self.spacing, mode="bilinear")(x)
-        if self.intensity:
-            a0, a1, b0, b1 = self.intensity
-            x = ScaleIntensityRange(a_min=a0, a_max=a1, b_min=b0, b_max=b1, clip=True)(x)
-        return x
-
-    def run(self, image: MedicalImage,
-            settings: SegmentSettings) -> Generator[Progress, None, np.ndarray]:
-        import torch
-
-        from ..runtime.device import pick_device
-        from .sliding_window import sliding_window_gen
-
-        device = pick_device(settings.device or self._device)
-        self.device_name = str(device)
-        self.network.to(device).eval()
-        yield Progress(0, 1, "preprocessing")
-        x = self.preprocess(image)
-        grid = geometry_of_metatensor(x)
-        inp = x.as_tensor()[None].float()
-        roi = settings.roi_size or self.default_roi
-        overlap = 0.25 if settings.overlap is None else settings.overlap
-        bs = settings.sw_batch_size or 1
-        self.effective = {"roi_size": list(roi), "overlap": overlap, "sw_batch_size": bs}
-        total = batches(inp.shape[2:], roi, overlap, bs) + 2
-        gen = sliding_window_gen(inp, self.network, roi, bs, overlap, mode="gaussian",
-                                 sw_device=device, device="cpu", precision=settings.precision)
-        logits = yield from relay(gen, total)
-        yield Progress(total - 1, total, "postprocessing")
-        pred = torch.argmax(logits[0], dim=0).numpy().astype(np.uint16)
-        del logits
-        labels = resample_labels_to(pred, grid, image.geometry, image.shape)
-        yield Progress(total, total, "done")
-        return labels
+    t0 = time.perf_counter()
+    src = Path(input_path)
+    check_output(output)
+    image = pick_volume(read(src), src, series)
+    check_output(output, image, src)
+    settings = settings or SegmentSettings()
+    seg = load_segmenter(model, weights=weights, device=settings.device) \
+        if isinstance(model, str) else model
+    result = yield from segment_image(image, seg, settings)
+    result.elapsed_s = time.perf_counter() - t0
+    saved = yield from _quiet(save_outputs(result, output, input_path=src,
+                                           image_shape=image.shape, stats_csv=stats_csv))
+    return saved
 
 
-def batches(spatial: Sequence[int], roi: Sequence[int], overlap: float, sw_batch_size: int) -> int:
-    """Number of window batches the sliding-window generator will yield for one image."""
-    from .sliding_window import window_count
+def _quiet(gen: Generator[Progress, None, Any]) -> Generator[Progress, None, Any]:
+    """Run a sub-task without re-yielding its progress (keeps the caller's bar total)."""
+    from ..progress import drain
 
-    n = window_count(tuple(int(s) for s in spatial), tuple(int(r) for r in roi), overlap)
-    return (n + sw_batch_size - 1) // sw_batch_size
-
-
-def relay(gen: Generator[Progress, None, Any], total: int,
-          offset: int = 1) -> Generator[Progress, None, Any]:
-    """Re-yield a sub-generator's progress ``offset`` steps in, out of ``total`` overall."""
-    first = True
-    while True:
-        try:
-            p = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if first and p.step == 0:  # the sub-task's own "started" event
-            first = False
-            continue
-        yield Progress(p.step + offset, total, p.message)
+    return drain(gen)
+    yield  # pragma: no cover - makes this a generator

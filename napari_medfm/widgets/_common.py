@@ -1,11 +1,44 @@
-"""Helpers shared by the dock widgets: running task generators in napari workers."""
+"""Helpers shared by the dock widgets: layers -> images, task generators in napari workers.
+
+Rules every dock keeps (tests/test_gui_thread.py checks them on every dock of the manifest):
+
+* the GUI thread only reads the widgets and the layers' *references* (no array copies, no
+  statistics, no file reading or writing);
+* everything a worker needs is captured on the GUI thread before it starts (plain values and
+  :class:`~napari_medfm.io.types.MedicalImage` views); workers never touch Qt;
+* results come back through the worker's signals (``on_result`` runs on the GUI thread).
+"""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Generator
 from typing import Any
 
+from ..errors import MedfmError
+from ..io.types import MedicalImage
 from ..progress import Progress
+
+
+def image_from_layer(layer: Any, *, what: str = "this model", volume: bool = False,
+                     allow_multiscale: bool = True) -> MedicalImage:
+    """The image behind a napari layer in its source order, without copying its data.
+
+    The one layer -> :class:`MedicalImage` conversion of the docks
+    (:meth:`MedicalImage.from_layer`: geometry from the layer's transform, display transpose
+    undone). ``data`` stays the layer's own array (a view), so this is cheap on the GUI thread;
+    the task materialises it in its worker. ``volume`` refuses anything but a 3D grey volume;
+    ``allow_multiscale=False`` refuses whole-slide pyramids.
+    """
+    multiscale = bool(getattr(layer, "multiscale", False))
+    if multiscale and (volume or not allow_multiscale):
+        raise MedfmError(f"{layer.name}: multiscale (whole-slide) layers are not supported by "
+                         f"{what}")
+    img = MedicalImage.from_layer(layer)
+    if volume and (img.geometry.ndim != 3 or img.rgb):
+        raise MedfmError(f"{layer.name}: {what} needs a 3D volume layer")
+    return img
 
 
 def start_task(
@@ -26,15 +59,14 @@ def start_task(
     """
     from napari.qt.threading import create_worker
 
+    from . import block_triton_in_gui
+
+    block_triton_in_gui()  # this is a napari GUI process about to run torch work
+
     def _run():
         gen = gen_factory()
         try:
-            while True:
-                try:
-                    p = next(gen)
-                except StopIteration as stop:
-                    return stop.value
-                yield p
+            return (yield from gen)
         finally:
             gen.close()
 
@@ -58,8 +90,45 @@ def start_task(
         worker.errored.connect(on_error)
     if on_aborted is not None:
         worker.aborted.connect(on_aborted)
+    _track(worker)
     worker.start()
     return worker
+
+
+def _track(worker: Any) -> None:
+    """Record the outcome in the worker thread itself (so :func:`wait_for` cannot miss it)."""
+    from qtpy.QtCore import Qt
+
+    direct = Qt.ConnectionType.DirectConnection
+    worker.medfm_outcome = {}
+    worker.medfm_done = threading.Event()
+    worker.returned.connect(lambda r: worker.medfm_outcome.setdefault("result", r), direct)
+    worker.errored.connect(lambda e: worker.medfm_outcome.setdefault("error", e), direct)
+    worker.finished.connect(worker.medfm_done.set, direct)
+
+
+def wait_for(worker: Any, timeout: float | None = None) -> Any:
+    """Keep the event loop running until ``worker`` ends; return its result or raise its error.
+
+    For programmatic calls that want a value (``dock.save_nifti(path)`` in scripts and
+    tests): the GUI keeps repainting and answering while the worker runs, and the worker's
+    ``on_result`` slot has run when this returns.
+    """
+    from qtpy.QtCore import QEventLoop
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    end = None if timeout is None else time.monotonic() + timeout
+    while not worker.medfm_done.is_set():
+        if end is not None and time.monotonic() > end:
+            raise TimeoutError("the task did not finish in time")
+        app.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 20)
+        worker.medfm_done.wait(0.002)
+    for _ in range(3):  # deliver the queued returned/errored/finished slots
+        app.processEvents()
+    if "error" in worker.medfm_outcome:
+        raise worker.medfm_outcome["error"]
+    return worker.medfm_outcome.get("result")
 
 
 def format_error(exc: BaseException) -> str:

@@ -1,10 +1,13 @@
 """Segmentation dock widget (twin of ``medfm segment``).
 
 Thin: picks an image layer, a model and settings, runs
-:func:`napari_medfm.tasks.segment.segment` in a napari generator worker (progress per window
-batch; Cancel stops at the next batch and adds nothing), then shows the result as a Labels
-layer on the image's exact transform with structure names on hover, a statistics table
-(volume mL, mean/std HU) and Save CSV / NIfTI / DICOM-SEG buttons.
+:func:`napari_medfm.tasks.segment.segment_image` in a napari generator worker (progress per
+window batch; Cancel stops at the next batch and adds nothing; statistics are computed there
+too), then shows the result as a Labels layer on the image's exact transform with structure
+names on hover, a statistics table (volume mL, mean/std HU) and Save CSV / NIfTI / DICOM-SEG
+buttons whose writing also runs in workers. The GUI thread only reads the widgets and takes
+a view of the layer's data. A MONAI bundle runs only once the user trusted it (a dialog asks:
+its config is code).
 """
 
 from __future__ import annotations
@@ -31,21 +34,19 @@ from qtpy.QtWidgets import (
 
 from ..errors import MedfmError
 from ..io.types import MedicalImage
-from ..tasks.segment import BUNDLE_PREFIX, SegmentSettings, segmenter_choices
-from . import block_triton_in_gui
-from ._common import format_error, layer_named, refill_combo, start_task
+from ..progress import Progress
+from ..tasks.segment import BUNDLE_PREFIX, SegmentSettings, bundle_folder, segmenter_choices
+from ._common import (
+    format_error,
+    image_from_layer,
+    layer_named,
+    refill_combo,
+    start_task,
+    wait_for,
+)
 
 BUNDLE_ITEM = "bundle folder..."
 _TABLE_HEADERS = ("value", "structure", "voxels", "volume (mL)", "mean", "std")
-
-
-def image_from_layer(layer: Any) -> MedicalImage:
-    """The volume behind an Image layer, in source order (see ``MedicalImage.from_layer``)."""
-    img = MedicalImage.from_layer(layer)
-    if img.multiscale or img.geometry.ndim != 3:
-        raise MedfmError(f"{layer.name}: segmentation needs a 3D volume layer")
-    img.data = np.asarray(img.data)
-    return img
 
 
 class SegmentWidget(QWidget):
@@ -184,7 +185,7 @@ class SegmentWidget(QWidget):
     # ------------------------------------------------------------------ running
     def run(self) -> Any:
         """Start segmentation in a worker; returns the worker (``None`` if nothing to do)."""
-        from ..tasks.segment import load_segmenter, segment
+        from ..tasks.segment import load_segmenter, segment_image
 
         layer = self.image_layer()
         if layer is None:
@@ -195,18 +196,21 @@ class SegmentWidget(QWidget):
             self.status.setText("Choose a model (or a MONAI bundle folder).")
             return None
         try:
-            image = image_from_layer(layer)
+            image = image_from_layer(layer, what="segmentation", volume=True)  # a view: no copy
+            if not self._bundle_trusted(model):
+                self.status.setText("Not run: the MONAI bundle is not trusted (its config runs "
+                                    "Python code).")
+                return None
         except MedfmError as exc:
             self.status.setText(f"Error: {exc}")
             return None
         settings = self.settings()
-        block_triton_in_gui()
         self._source_layer = layer
         self._source_image = image
 
-        def _task():
+        def _task():  # worker thread: plain inputs only, no Qt
             seg = load_segmenter(model, device=settings.device)
-            return (yield from segment(image, seg, settings))
+            return (yield from segment_image(image, seg, settings))
 
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -217,6 +221,33 @@ class SegmentWidget(QWidget):
                                  description=f"segment {model}")
         self.worker.finished.connect(self._on_finished)
         return self.worker
+
+    def _bundle_trusted(self, model: str) -> bool:
+        """A MONAI bundle's config is code: ask once (remembered by content hash)."""
+        folder = bundle_folder(model)
+        if folder is None or not folder.is_dir():
+            return True  # registry model (or a missing folder: the worker reports it)
+        from ..runtime.trust import is_trusted, trust_bundle
+
+        if is_trusted(folder):
+            return True
+        if not self.ask_trust(folder):
+            return False
+        trust_bundle(folder)
+        return True
+
+    def ask_trust(self, folder: Path) -> bool:
+        """Yes/No dialog: run this bundle's config (Python code)?"""
+        from qtpy.QtWidgets import QMessageBox
+
+        answer = QMessageBox.question(
+            self, "Trust this MONAI bundle?",
+            f"{folder}\n\nA MONAI bundle's config runs Python code on this computer "
+            "(`_target_` imports and `$` expressions). Run it only if it comes from a source "
+            "you trust.\n\nTrust this bundle? (Remembered until its configs change.)",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
 
     def cancel(self) -> None:
         if self.worker is not None:
@@ -246,8 +277,6 @@ class SegmentWidget(QWidget):
         self.status.setText(f"Error: {format_error(exc)}")
 
     def _on_result(self, result: Any) -> None:
-        from ..tasks.segment import label_statistics
-
         src = self._source_image
         self.result = result
         img = result.to_medical_image()
@@ -258,8 +287,7 @@ class SegmentWidget(QWidget):
         # same transform (and display transpose) as the image layer it came from
         data, kwargs, _ = labels.layer_data()
         self.labels_layer = self.viewer.add_labels(data, **kwargs)
-        self.stats = label_statistics(result.labels, None if src is None else src.data,
-                                      result.geometry, result.present_names())
+        self.stats = list(result.stats)  # computed in the worker
         self._fill_table()
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
@@ -291,45 +319,75 @@ class SegmentWidget(QWidget):
             raise MedfmError("run a segmentation first")
 
     def save_csv(self, path: str | Path | None = None) -> Path | None:
+        """Write the statistics table (in a worker). With ``path`` (scripts, tests) wait and
+        return the written path; from the button, return ``None`` at once."""
         from ..tasks.segment import write_statistics_csv
 
         self._need_result()
+        wait = path is not None
         p = Path(path) if path else self._ask("Save statistics", "CSV (*.csv)", ".csv")
         if p is None:
             return None
-        out = write_statistics_csv(self.stats, p)
-        self.status.setText(f"Saved {out.name}")
-        return out
+        stats = list(self.stats)
+
+        def _task():
+            yield from ()
+            return write_statistics_csv(stats, p)
+
+        return self._write(_task, p, wait)
 
     def save_nifti(self, path: str | Path | None = None) -> Path | None:
         self._need_result()
+        wait = path is not None
         p = Path(path) if path else self._ask("Save labels", "NIfTI (*.nii.gz *.nii)", ".nii.gz")
-        return self._save(p)
+        return self._save(p, wait)
 
     def save_dicom_seg(self, path: str | Path | None = None) -> Path | None:
         self._need_result()
+        if not self.result.source_metadata.get("source_files"):
+            exc = MedfmError(f"{self.result.source_name!r} was not read from DICOM: DICOM-SEG "
+                             "needs the source series; save NIfTI instead")
+            self.status.setText(f"Error: {format_error(exc)}")
+            raise exc
+        wait = path is not None
         p = Path(path) if path else self._ask("Save DICOM-SEG", "DICOM (*.dcm)", ".dcm")
-        return self._save(p)
+        return self._save(p, wait)
 
-    def _save(self, p: Path | None) -> Path | None:
+    def _save(self, p: Path | None, wait: bool) -> Path | None:
         from ..tasks.segment import save_labels
 
         if p is None:
             return None
-        try:
-            out = save_labels(self._current_result(), p)
-        except MedfmError as exc:
+        result = self._current_result()  # GUI thread: takes the (edited) layer's data view
+
+        def _task():
+            yield Progress(0, 1, f"writing {p.name}")
+            return save_labels(result, p)
+
+        return self._write(_task, p, wait)
+
+    def _write(self, task: Any, p: Path, wait: bool) -> Path | None:
+        self.status.setText(f"Saving {p.name}...")
+
+        def _done(out: Any) -> None:
+            self.status.setText(f"Saved {Path(out).name}")
+
+        def _failed(exc: BaseException) -> None:
             self.status.setText(f"Error: {format_error(exc)}")
-            raise
-        self.status.setText(f"Saved {out.name}")
-        return out
+
+        worker = start_task(task, on_result=_done, on_error=_failed,
+                            description=f"save {p.name}")
+        self.save_worker = worker
+        if not wait:
+            return None
+        return wait_for(worker)
 
     def _current_result(self) -> Any:
-        """The result with any edits the user painted into the Labels layer."""
+        """The result with any edits the user painted into the Labels layer (a view, no copy)."""
         r = self.result
         layer = self.labels_layer
         if layer is not None and layer in self.viewer.layers:
             edited = MedicalImage.from_layer(layer)  # back in source order
             if np.shape(edited.data) == r.labels.shape:
-                r.labels = np.asarray(edited.data)
+                r.labels = edited.data
         return r

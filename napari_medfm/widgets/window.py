@@ -24,6 +24,8 @@ from ..windowing import (
     HEADER_DEFAULT,
     PRESETS,
     apply_window,
+    auto_window,
+    header_window,
     limits_to_window,
     resolve_window,
 )
@@ -38,6 +40,8 @@ class WindowWidget(QWidget):
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
+        self.worker: Any = None
+        self.applied: tuple[float, float] | None = None
 
         self.layer_combo = QComboBox()
         self.preset_combo = QComboBox()
@@ -139,7 +143,14 @@ class WindowWidget(QWidget):
         self.preset_combo.setCurrentIndex(idx)
 
     def apply_preset(self, key: str | None = None) -> tuple[float, float] | None:
-        """Apply a preset (default: the one selected) and return the new contrast limits."""
+        """Apply a preset (default: the one selected) and return the new contrast limits.
+
+        Fixed presets and a stored header window apply at once. The automatic window (also the
+        header fallback) reads percentiles of the data: that runs in a worker and is applied
+        when it returns; called with ``key`` (scripts, tests) this waits for it (the event loop
+        keeps running), from the picker it returns ``None`` at once.
+        """
+        wait = key is not None
         if key is not None:
             self.select_preset(key)
         key = self.preset_combo.currentData()
@@ -147,6 +158,8 @@ class WindowWidget(QWidget):
         if layer is None:
             self.status.setText("No grey-level image layer to window.")
             return None
+        if key == AUTO or (key == HEADER_DEFAULT and header_window(layer) is None):
+            return self._apply_auto(layer, wait)
         try:
             c, w = resolve_window(key, layer)
             limits = apply_window(layer, c, w)
@@ -155,6 +168,36 @@ class WindowWidget(QWidget):
             return None
         self._show_current()
         return limits
+
+    def _apply_auto(self, layer: Any, wait: bool) -> tuple[float, float] | None:
+        from ._common import start_task, wait_for
+
+        data = layer.data  # a reference, read in the worker
+
+        def _task():
+            yield from ()
+            return auto_window(data)
+
+        def _apply(win: tuple[float, float]) -> None:
+            if layer in self.viewer.layers:
+                self.applied = apply_window(layer, *win)
+                self._show_current()
+
+        def _failed(exc: BaseException) -> None:
+            self.status.setText(str(exc))
+
+        self.applied: tuple[float, float] | None = None
+        self.status.setText(f"{layer.name}: computing the automatic window...")
+        worker = start_task(_task, on_result=_apply, on_error=_failed,
+                            description="automatic window")
+        self.worker = worker
+        if not wait:
+            return None
+        try:
+            wait_for(worker)
+        except ValueError:
+            return None
+        return self.applied
 
     def apply_center_width(self, center: float | None = None,
                            width: float | None = None) -> tuple[float, float] | None:

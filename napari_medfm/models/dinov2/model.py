@@ -125,7 +125,7 @@ def load_folder(folder: str | Path, device: Any = "cpu") -> tuple[Any, Any]:
 
 
 def build(spec: Any, weights: Any = None, device: Any = None, *, modality: str | None = None,
-          precision: str = "auto", **_: Any) -> Dinov2Encoder:
+          precision: str = "auto") -> Dinov2Encoder:
     """Registry builder: ``weights`` is the hub-layout folder (or its model.safetensors)."""
     from ...runtime.weights import WeightsManager
 

@@ -445,7 +445,7 @@ def _resolve(spec: ModelSpec, explicit: Any, filename: str) -> Path:
 
 def build(spec: ModelSpec, weights: Any = None, device: Any = None, *, precision: str = "auto",
           tokenizer: str | Path | None = None, five_year: Any = None, text: bool | None = None,
-          config: str = "full", fast: bool = True, **_: Any) -> MerlinModel:
+          config: str = "full", fast: bool = True) -> MerlinModel:
     """Build Merlin and load its weights strictly.
 
     ``weights``: the CLIP checkpoint (file, or a folder laid out like ``stanfordmimi/Merlin``);

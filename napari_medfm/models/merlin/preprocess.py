@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import WrongModalityError
 from ...geometry import Geometry
 from ...io.types import MedicalImage
+from ...runtime.checks import check_ct as _check_ct
+from ...runtime.inference import to_metatensor as _to_metatensor
 
 __all__ = [
     "PreprocessConfig",
@@ -33,9 +34,6 @@ __all__ = [
     "to_metatensor",
 ]
 
-#: Modalities that are certainly not CT (refused even if their values look like HU).
-_NOT_CT = {"MR", "PT", "NM", "US", "CR", "DX", "MG", "XA", "RF", "SM", "OP", "OCT", "XC", "ES",
-           "GM", "OPT", "IVUS"}
 
 
 @dataclass(frozen=True)
@@ -78,49 +76,15 @@ class Preprocessed:
 def check_ct(image: MedicalImage, what: str = "Merlin") -> None:
     """Raise :class:`WrongModalityError` unless ``image`` is a 3D CT volume (in HU).
 
-    CT is recognised from the modality code; for images of unknown modality (``OT``) the
-    intensity range must look like Hounsfield units (air around -1000 present).
+    The package's one CT rule (:func:`napari_medfm.runtime.checks.check_ct`), named for Merlin.
     """
-    name = image.name or "image"
-    if image.multiscale or image.rgb or image.kind != "volume" or len(image.spatial_shape) != 3:
-        raise WrongModalityError(
-            f"{name}: {what} needs a 3D CT volume; got a {image.kind} image of shape "
-            f"{image.shape} (2D images, colour images and whole slides are not supported)."
-        )
-    if min(image.spatial_shape) < 2:
-        raise WrongModalityError(
-            f"{name}: {what} needs a 3D CT volume; this one has a single slice {image.shape}."
-        )
-    mod = (image.modality or "OT").upper()
-    if mod == "CT":
-        return
-    if mod in _NOT_CT:
-        raise WrongModalityError(
-            f"{name}: {what} is a CT model; this volume's modality is {mod}. Use a CT volume."
-        )
-    arr = np.asarray(image.data)
-    sample = arr[:: max(1, arr.shape[0] // 16)]
-    lo, hi = float(np.min(sample)), float(np.max(sample))
-    air = float(np.mean(sample < -500))
-    if not (lo >= -3100 and air > 0.005 and hi > 0):
-        raise WrongModalityError(
-            f"{name}: modality is {mod!r} and the values ({lo:.0f}..{hi:.0f}) do not look like CT "
-            "Hounsfield units (no air near -1000 HU). If this is a CT, make sure it is in HU "
-            "(rescale slope/intercept applied) and set its modality to CT."
-        )
+    _check_ct(image, what)
 
 
 def to_metatensor(image: MedicalImage) -> Any:
-    """``(1, x, y, z)`` float32 MONAI MetaTensor with the image's RAS affine."""
-    import torch
-    from monai.data import MetaTensor
-
-    arr = np.asarray(image.data)
-    if arr.ndim != 3:
-        raise ValueError(f"expected a 3D array, got shape {arr.shape}")
-    xyz = np.ascontiguousarray(arr.transpose(2, 1, 0)[None], dtype=np.float32)
-    affine = torch.as_tensor(image.geometry.affine_ras(), dtype=torch.float64)
-    return MetaTensor(torch.from_numpy(xyz), affine=affine, meta={"space": "RAS"})
+    """``(1, x, y, z)`` float32 MONAI MetaTensor with the image's RAS affine
+    (:func:`napari_medfm.runtime.inference.to_metatensor`)."""
+    return _to_metatensor(image, np.float32, channel=True)
 
 
 def build_transforms(config: PreprocessConfig = DEFAULT_PREPROCESS) -> Any:

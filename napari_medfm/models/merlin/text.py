@@ -175,8 +175,7 @@ def find_tokenizer_dir(explicit: str | Path | None = None,
         f"or `medfm weights import {TOKENIZER_SPEC_ID} DIR`, or pass --tokenizer DIR.")
 
 
-def build_tokenizer(spec: Any, weights: str | Path | None = None, device: Any = None,
-                    **_: Any) -> Any:
+def build_tokenizer(spec: Any, weights: str | Path | None = None, device: Any = None) -> Any:
     """Registry builder of ``clinical-longformer``: the tokenizer from the weights manager."""
     return load_tokenizer(find_tokenizer_dir(weights))
 

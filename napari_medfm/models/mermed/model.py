@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -135,21 +134,12 @@ def build_vit(config: dict[str, Any], state_dict: dict[str, Any] | None = None) 
 
 
 def _load_strict(model: Any, sd: dict[str, Any]) -> None:
-    """Strict key/shape check, then ``assign`` the tensors into a meta-device model (no init)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
-    if missing or unexpected or bad:
-        raise WeightsError(
-            "weights do not match the ViT: "
-            + "; ".join(s for s in (
-                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "",
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-                if unexpected else "",
-                f"shape mismatch {bad[:5]}" if bad else "") if s)
-        )
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    """Strict key/shape check, then ``assign`` the tensors into a meta-device model (no init):
+    :func:`napari_medfm.runtime.safe_load.load_strict`."""
+    from ...runtime.safe_load import load_strict
+
+    load_strict(model, {k: v.float() for k, v in sd.items()}, what="MerMED-FM ViT weights",
+                assign=True)
 
 
 def read_backbone(path: str | Path, key: str = "teacher") -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -180,7 +170,7 @@ def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, *,
     The file is written to a temporary name and renamed into place (never half-written). Its
     metadata records the ViT config and the sha256 of the source checkpoint.
     """
-    from safetensors.torch import save_file
+    from ...runtime.safe_load import save_safetensors
 
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(src.stem + "_backbone.safetensors")
@@ -189,14 +179,7 @@ def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, *,
     build_vit(cfg, sd)  # verify it loads strictly before writing anything
     meta = {"format": "pt", "medfm_model": "mermed", "vit_config": json.dumps(cfg),
             "source_file": src.name, "source_sha256": file_sha256(src), "checkpoint_key": key}
-    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-    try:
-        save_file({k: v.contiguous().float() for k, v in sd.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return dst
+    return save_safetensors({k: v.float() for k, v in sd.items()}, dst, metadata=meta)
 
 
 # ---------------------------------------------------------------------------- the encoder
@@ -296,7 +279,7 @@ def _pick_device(device: Any) -> Any:
 
 def build(spec: Any, weights: Any = None, device: Any = None, *, vit_config: dict | None = None,
           checkpoint_key: str | None = None, modality: str | None = None,
-          num_heads: int | None = None, precision: str = "auto", **_: Any) -> ViTEncoder2D:
+          num_heads: int | None = None, precision: str = "auto") -> ViTEncoder2D:
     """Registry builder: load MerMED-FM (``.pth`` training checkpoint or converted safetensors).
 
     ``precision``: ``auto`` (fp32 on CPU, bf16/fp16 autocast on GPUs), ``fp32``, ``bf16``,

@@ -8,12 +8,12 @@ with three substitutions so it runs on an in-memory image with progress and canc
 
 1. **LoadImaged is replaced by the in-memory image.** The image becomes what ``LoadImage`` would
    return for the same data read from a NIfTI file: a float32 ``MetaTensor`` in (i, j, k) index
-   order with its index -> RAS affine (:func:`napari_medfm.tasks.segment.to_metatensor`), plus
+   order with its index -> RAS affine (:func:`napari_medfm.runtime.inference.to_metatensor`), plus
    a channel axis when the bundle's LoadImaged sets ``ensure_channel_first``. Every other
    pre-transform (EnsureChannelFirstd, Orientationd, Spacingd, ScaleIntensityRanged, ...) runs
    unchanged, so ``Invertd`` in the post-processing finds the usual trace.
 2. **The inferer's window loop runs as our generator**
-   (:func:`napari_medfm.tasks.sliding_window.sliding_window_gen`) with the bundle inferer's
+   (:func:`napari_medfm.runtime.sliding_window.sliding_window_gen`) with the bundle inferer's
    ``roi_size``, ``sw_batch_size``, ``overlap``, ``mode``, ``sigma_scale``, ``padding_mode`` and
    ``cval`` (the CLI/widget may override roi, overlap and batch size): same numbers, one progress
    event per window batch, cancellable between batches.
@@ -26,14 +26,16 @@ it gets its labels resampled nearest-neighbour (SimpleITK) from the prediction's
 Label names come from ``metadata.json`` -> ``network_data_format.outputs.pred.channel_def``
 (``{"0": "background", "1": "spleen"}``); channel ``k`` after argmax is label value ``k``.
 
-.. warning:: A bundle config is code: ``$``-expressions are evaluated by MONAI's parser. Only
-   run bundles from sources you trust (the weights themselves are loaded safely).
+.. warning:: A bundle config is code: ``$``-expressions are evaluated by MONAI's parser. A
+   bundle folder is parsed only once the user trusted it (:mod:`napari_medfm.runtime.trust`:
+   its content hash is remembered; the CLI needs ``--trust-bundle``, the dock asks). The weights
+   themselves are loaded safely.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +43,9 @@ import numpy as np
 
 from ...errors import GeometryError, MedfmError, WeightsError
 from ...io.types import MedicalImage
-from ...progress import Progress
-from ...tasks.segment import (
-    BUNDLE_PREFIX,
-    Segmenter,
-    SegmentSettings,
-    batches,
-    check_ct,
-    relay,
-    to_metatensor,
-)
+from ...runtime.checks import check_ct
+from ...runtime.inference import WindowPlan, resample_labels_to, to_metatensor
+from .base import BUNDLE_PREFIX, SegmentSettings, WindowedSegmenter
 
 _CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 _WRITERS = ("SaveImaged", "SaveImage")
@@ -101,10 +96,12 @@ def label_names_from_metadata(meta: dict[str, Any]) -> dict[int, str]:
     return out
 
 
-class BundleSegmenter(Segmenter):
-    """Run a local MONAI bundle on a :class:`MedicalImage` (see the module docstring)."""
+class BundleSegmenter(WindowedSegmenter):
+    """Run a local MONAI bundle on a :class:`MedicalImage` (see the module docstring).
 
-    uses_windows = True
+    The steps of the shared pre -> inferer -> post -> invert template
+    (:class:`~napari_medfm.models.segmenters.base.WindowedSegmenter`) are the bundle's own.
+    """
 
     def __init__(self, folder: str | Path, weights: str | Path | None = None,
                  device: str | None = None):
@@ -141,6 +138,9 @@ class BundleSegmenter(Segmenter):
         import torch
         from monai.bundle import ConfigParser
 
+        from ...runtime.trust import require_trusted
+
+        require_trusted(self.folder)  # the config is code: never parse an untrusted one
         parser = ConfigParser()
         try:
             parser.read_config(str(self.config_file))
@@ -218,18 +218,10 @@ class BundleSegmenter(Segmenter):
             x = EnsureChannelFirst()(x)
         return {key: x}, rest
 
-    def run(self, image: MedicalImage,
-            settings: SegmentSettings) -> Generator[Progress, None, np.ndarray]:
+    def preprocess(self, image: MedicalImage, device: Any) -> tuple[Any, Any]:
         import torch
-        from monai.data import MetaTensor
         from monai.transforms import apply_transform
 
-        from ...runtime.device import pick_device
-        from ...tasks.sliding_window import sliding_window_gen
-
-        device = pick_device(settings.device or self._device_pref)
-        self.device_name = str(device)
-        yield Progress(0, 1, "preprocessing")
         parts = self._parse(device)
         data, rest = self._loaded(image, parts["pre"])
         key = next(iter(data))
@@ -238,8 +230,10 @@ class BundleSegmenter(Segmenter):
         x = data[key]
         if not isinstance(x, torch.Tensor):
             raise BundleError(f"{self.model_id}: pre-processing did not give a tensor for '{key}'")
+        return x, {"parts": parts, "data": data}
 
-        inf = parts["inferer"]
+    def window_plan(self, settings: SegmentSettings, state: Any) -> WindowPlan:
+        inf = state["parts"]["inferer"]
         roi = tuple(settings.roi_size or getattr(inf, "roi_size", None) or ())
         if not roi:
             raise BundleError(f"{self.model_id}: the bundle's inferer has no roi_size (only "
@@ -248,27 +242,30 @@ class BundleSegmenter(Segmenter):
                                                                                0.25)
         bs = settings.sw_batch_size or int(getattr(inf, "sw_batch_size", 1) or 1)
         self.default_roi = tuple(getattr(inf, "roi_size", roi))
-        self.effective = {"roi_size": list(roi), "overlap": overlap, "sw_batch_size": bs,
-                          "mode": str(getattr(inf, "mode", "constant"))}
-        inp = x[None]  # batch of one
-        total = batches(inp.shape[2:], roi, overlap, bs) + 2
-        gen = sliding_window_gen(
-            inp, parts["network"], roi, bs, overlap,
-            mode=getattr(inf, "mode", "constant"),
-            sigma_scale=getattr(inf, "sigma_scale", 0.125),
-            padding_mode=getattr(inf, "padding_mode", "constant"),
-            cval=getattr(inf, "cval", 0.0),
-            sw_device=device, device="cpu", precision=settings.precision)
-        out = yield from relay(gen, total)
-        yield Progress(total - 1, total, "postprocessing")
+        return WindowPlan(roi_size=roi, overlap=overlap, sw_batch_size=bs,
+                          mode=getattr(inf, "mode", "constant"),
+                          sigma_scale=getattr(inf, "sigma_scale", 0.125),
+                          padding_mode=getattr(inf, "padding_mode", "constant"),
+                          cval=getattr(inf, "cval", 0.0))
+
+    def predictor(self, state: Any) -> Any:
+        return state["parts"]["network"]
+
+    def postprocess(self, out: Any, x: Any, state: Any) -> tuple[np.ndarray, Any]:
+        """The bundle's post-transforms (writers dropped); labels (x, y, z) + the result tensor
+        (whose affine places them)."""
+        import torch
+        from monai.data import MetaTensor
+        from monai.transforms import apply_transform
 
         pred = out[0]
         if not isinstance(pred, MetaTensor):
             pred = MetaTensor(pred)
         if isinstance(x, MetaTensor):
             pred.copy_meta_from(x, copy_attr=False)
+        data = state["data"]
         data["pred"] = pred
-        for t in self._flat(parts["post"]):
+        for t in self._flat(state["parts"]["post"]):
             if type(t).__name__ in _WRITERS:
                 continue
             data = apply_transform(t, data)
@@ -276,10 +273,10 @@ class BundleSegmenter(Segmenter):
         arr = res.detach().cpu().numpy() if isinstance(res, torch.Tensor) else np.asarray(res)
         if arr.ndim == 4:
             arr = arr[0] if arr.shape[0] == 1 else np.argmax(arr, axis=0)
-        arr = np.rint(arr).astype(np.int32)
-        labels = self._to_source_grid(res, arr, image)
-        yield Progress(total, total, "done")
-        return labels
+        return np.rint(arr).astype(np.int32), res
+
+    def invert(self, labels_xyz: np.ndarray, grid: Any, image: MedicalImage) -> np.ndarray:
+        return self._to_source_grid(grid, labels_xyz, image)
 
     def _to_source_grid(self, res: Any, arr_xyz: np.ndarray, image: MedicalImage) -> np.ndarray:
         """Labels in numpy order on the image grid.
@@ -289,7 +286,6 @@ class BundleSegmenter(Segmenter):
         affine) onto the source grid with SimpleITK.
         """
         from ...geometry import Geometry
-        from ...tasks.segment import resample_labels_to
 
         aff = getattr(res, "affine", None)
         same_shape = tuple(arr_xyz.shape) == tuple(image.shape[::-1])
@@ -377,11 +373,13 @@ def write_demo_bundle(folder: str | Path, *, seed: int = 0,
                       roi_size: Sequence[int] = (32, 32, 32),
                       pixdim: Sequence[float] = (4.0, 4.0, 4.0),
                       label_names: Sequence[str] = ("soft tissue", "dense"),
-                      sw_batch_size: int = 2, overlap: float = 0.25) -> Path:
+                      sw_batch_size: int = 2, overlap: float = 0.25,
+                      trust: bool = True) -> Path:
     """Write a runnable demo bundle (small UNet, **random weights** from ``seed``).
 
     For trying the bundle path end to end (``medfm segment --model bundle:FOLDER``) and for
-    tests; its predictions are meaningless.
+    tests; its predictions are meaningless. napari-medfm wrote its config itself, so the folder
+    is marked trusted (``trust=False`` leaves that to the user).
     """
     import torch
     from monai.bundle import ConfigParser
@@ -415,4 +413,8 @@ def write_demo_bundle(folder: str | Path, *, seed: int = 0,
     torch.manual_seed(seed)
     net = parser.get_parsed_content("network_def")
     torch.save(net.state_dict(), folder / "models" / "model.pt")
+    if trust:
+        from ...runtime.trust import trust_bundle
+
+        trust_bundle(folder)
     return folder

@@ -46,7 +46,8 @@ import numpy as np
 from ...geometry import Geometry
 from ...io.types import MedicalImage
 from ...progress import Progress
-from ...tasks.segment import Segmenter, SegmentSettings, check_ct
+from ...runtime.checks import check_ct
+from .base import Segmenter, SegmentSettings
 
 LABEL_NAMES: dict[int, str] = {1: "body", 2: "lungs", 3: "bone", 4: "fat", 5: "air"}
 LABEL_COLORS: dict[int, list[int]] = {
@@ -263,7 +264,7 @@ def segment_hu(hu: np.ndarray, geometry: Geometry,
 
 
 class HUBasicSegmenter(Segmenter):
-    """The ``hu-basic`` model object (:class:`~napari_medfm.tasks.segment.Segmenter`)."""
+    """The ``hu-basic`` model object (implements :class:`~napari_medfm.runtime.contracts.Segmenter`)."""
 
     model_id = "hu-basic"
     weights_sha256 = None
@@ -283,6 +284,11 @@ class HUBasicSegmenter(Segmenter):
         return (yield from segment_hu(np.asarray(image.data), image.geometry, self.params))
 
 
-def build(spec: Any, weights: Any = None, device: Any = None, **kw: Any) -> HUBasicSegmenter:
-    """Registry builder: ``hu-basic`` needs no weights and runs on the CPU."""
-    return HUBasicSegmenter(HUParams(**kw) if kw else None)
+def build(spec: Any, weights: Any = None, device: Any = None, *,
+          params: HUParams | None = None) -> HUBasicSegmenter:
+    """Registry builder: ``hu-basic`` needs no weights and runs on the CPU.
+
+    ``params``: thresholds and kernel radii (:class:`HUParams`); ``weights``/``device`` are
+    accepted for the common builder signature and unused.
+    """
+    return HUBasicSegmenter(params)

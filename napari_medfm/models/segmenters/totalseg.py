@@ -25,7 +25,9 @@ import numpy as np
 from ...errors import WeightsError
 from ...io.types import MedicalImage
 from ...progress import Progress
-from ...tasks.segment import Segmenter, SegmentSettings, check_ct, resample_labels_to
+from ...runtime.checks import check_ct
+from ...runtime.inference import resample_labels_to
+from .base import Segmenter, SegmentSettings
 
 #: nnU-Net result folders of the ``total`` task (normal = 5 parts, fast = one 3 mm model).
 _TOTAL_DATASETS = ("Dataset291", "Dataset292", "Dataset293", "Dataset294", "Dataset295")
@@ -113,7 +115,7 @@ class TotalSegmentatorSegmenter(Segmenter):
         return labels
 
 
-def build(spec: Any, weights: Any = None, device: Any = None, fast: bool = False,
-          **kw: Any) -> TotalSegmentatorSegmenter:
+def build(spec: Any, weights: Any = None, device: Any = None, *,
+          fast: bool = False) -> TotalSegmentatorSegmenter:
     """Registry builder (``weights`` is unused: TotalSegmentator manages its own folder)."""
     return TotalSegmentatorSegmenter(device=device, fast=fast)
