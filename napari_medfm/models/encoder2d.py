@@ -31,11 +31,10 @@ loud :class:`ModalityFallbackWarning`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import logging
 import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
