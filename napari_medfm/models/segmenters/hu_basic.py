@@ -9,30 +9,42 @@ Labels (value -> name), mutually exclusive, on the CT's own voxel grid:
 4     fat      adipose tissue (-190 .. -30 HU) inside the body
 5     air      gas *inside the body* that is not lung: bowel gas, airway outside the lungs,
                gas pockets. Air outside the patient is background (0).
+6     vessels  contrast-enhanced blood pool (heart chambers, aorta, large veins) above the bone
+               threshold; empty on scans without (dense) contrast
 ====  =======  ==================================================================================
 
 Method (kernels are Euclidean balls in millimetres, built from exact distance maps that use the
 voxel spacing, so the result does not depend on the voxel size or its anisotropy):
 
-* **body**: HU > -500, a binary opening (radius 3 mm) detaches the table and blankets, the
-  largest 3D component is kept, holes are filled slice by slice in the axial plane (the image
-  axis closest to the patient's head-foot axis) and the opening's losses are added back.
-* **lungs**: gas (HU < -500) inside the body split into 3D connected components. A component is
-  lung when (a) its median HU is that of aerated parenchyma (> -920 HU: lung holds vessels and
-  interstitium; bowel gas is ~ -1000 HU, ~ -950 HU with partial volume and stool) and (b) its
-  most superior point lies within 60 mm of the most superior gas in the body (lungs are the
-  highest gas-filled organs: bowel gas sits below the diaphragm), and (c) it holds at least
-  5 mL. The kept components are closed (5 mm) and their holes (vessels) filled per axial slice. Limits: lungs full of fluid/consolidation are not
-  gas and are missed; severe emphysema with a median below -920 HU needs ``lung_median_min``.
-* **bone**: HU above a voxel-size dependent threshold (:func:`bone_threshold`: 200 HU at 1 mm
-  voxels, 150 HU at 3 mm), closed (2 mm), holes (marrow) filled per axial slice, components smaller
-  than 0.3 mL dropped. Dense contrast in vessels or the urinary tract above that threshold is a
-  known false positive.
-* **fat**: -190 .. -30 HU inside the body, not lung or bone.
+* **body**: HU > -500, a binary opening (radius 3 mm) detaches the table and blankets; every
+  3D component that is big (>= 20 mL) and thick (an inscribed ball of radius >= 12 mm) is kept
+  - the trunk, an arm lying beside it, both legs - while thin shells (table top, blankets) are
+  not; holes are filled slice by slice in the axial plane (the image axis closest to the
+  patient's head-foot axis) and the opening's losses are added back.
+* **lungs**: gas (HU < -500) of the whole volume split into 3D connected components. A
+  component is a candidate when at least half of it lies inside the body: the filled body or,
+  per axial slice, the convex hull of the body tissue - so lungs cut by the volume's border (a
+  tight crop around the thorax, where they are not enclosed by tissue) are found. A candidate
+  is lung when (a) its median HU is that of aerated parenchyma (> -920 HU: lung holds vessels
+  and interstitium; outside air and bowel gas are ~ -1000 HU, ~ -950 HU with partial volume
+  and stool), (b) its most superior point lies within 60 mm of the most superior candidate gas
+  (lungs are the highest gas-filled organs: bowel gas sits below the diaphragm), and (c) it
+  holds at least 5 mL. The airway, where it is in the volume, joins both lungs into one
+  component. The kept components are closed (5 mm) and their holes (vessels) filled per axial
+  slice. Limits: lungs full of fluid/consolidation are not gas and are missed; severe
+  emphysema with a median below -920 HU needs ``lung_median_min``.
+* **bone and enhanced blood**: HU above a voxel-size dependent threshold
+  (:func:`bone_threshold`: 200 HU at 1 mm voxels, 150 HU at 3 mm), closed (2 mm). Each thick
+  part of that mask is split into blobs by a watershed of its distance map (the aorta lying on
+  a vertebra becomes its own blob); a blob that is bright, homogeneous, holds no cortex-bright
+  voxels and fades towards its rim is blood (:func:`blood_pool`). The rest is bone: its holes
+  (marrow) are filled per axial slice, components smaller than 0.3 mL dropped. Thin enhanced
+  vessels (no inscribed 4 mm ball) and calcified plaque stay bone.
+* **fat**: -190 .. -30 HU inside the body, not lung, bone or blood.
 * **air**: remaining gas inside the body (HU < -500) that is not lung.
 
-Uses SimpleITK for components and distance-map morphology; numpy/scipy for thresholds and the
-per-slice hole filling.
+Uses SimpleITK for components, distance-map morphology and the watershed; numpy/scipy for
+thresholds, convex hulls and the per-slice hole filling.
 """
 
 from __future__ import annotations
@@ -115,24 +127,44 @@ def _fill_slices(mask: np.ndarray, axis: int) -> np.ndarray:
 
 def _hull_2d(mask: np.ndarray) -> np.ndarray:
     """Convex hull (filled) of a 2D boolean mask, pixel squares included; the mask itself when
-    its points are degenerate (a line)."""
+    its points are degenerate (a line).
+
+    The hull of a mask is the hull of the outer corners of each row's first and last pixel, so
+    at most ``4 * 2 * rows`` points go to Qhull; the hull is filled row by row from its
+    half-planes.
+    """
     from scipy.spatial import ConvexHull, QhullError
 
-    pts = np.argwhere(mask)
-    if len(pts) < 3:
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
         return mask.copy()
-    lo, hi = pts.min(0), pts.max(0) + 1
-    corners = (pts[:, None, :] + np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5],
-                                           [0.5, 0.5]])[None]).reshape(-1, 2)
+    sub = mask[rows]
+    first = np.argmax(sub, axis=1)
+    last = sub.shape[1] - 1 - np.argmax(sub[:, ::-1], axis=1)
+    r = rows.astype(np.float64)
+    pts = np.concatenate([np.stack([r - 0.5, first - 0.5], 1), np.stack([r + 0.5, first - 0.5], 1),
+                          np.stack([r - 0.5, last + 0.5], 1), np.stack([r + 0.5, last + 0.5], 1)])
     try:
-        hull = ConvexHull(corners)
+        hull = ConvexHull(pts)
     except QhullError:
         return mask.copy()
-    yy, xx = np.mgrid[lo[0]:hi[0], lo[1]:hi[1]]
-    grid = np.stack([yy.ravel(), xx.ravel()], 1).astype(np.float64)
-    inside = np.all(grid @ hull.equations[:, :2].T + hull.equations[:, 2] <= 1e-9, axis=1)
     out = mask.copy()
-    out[lo[0]:hi[0], lo[1]:hi[1]] |= inside.reshape(yy.shape)
+    ys = np.arange(rows[0], rows[-1] + 1, dtype=np.float64)
+    lo = np.full(ys.shape, -np.inf)
+    hi = np.full(ys.shape, np.inf)
+    for a, b, c in hull.equations:  # a*y + b*x + c <= 0 inside
+        if abs(b) < 1e-12:
+            bad = a * ys + c > 1e-9
+            lo[bad], hi[bad] = np.inf, -np.inf
+        elif b > 0:
+            hi = np.minimum(hi, (-c - a * ys) / b)
+        else:
+            lo = np.maximum(lo, (-c - a * ys) / b)
+    lo_i = np.clip(np.ceil(lo - 1e-9), 0, mask.shape[1]).astype(int)
+    hi_i = np.clip(np.floor(hi + 1e-9), -1, mask.shape[1] - 1).astype(int)
+    for y, x0, x1 in zip(range(rows[0], rows[-1] + 1), lo_i, hi_i, strict=True):
+        if x1 >= x0:
+            out[y, x0:x1 + 1] = True
     return out
 
 
@@ -210,7 +242,6 @@ def body_mask(hu: np.ndarray, geometry: Geometry, p: HUParams) -> np.ndarray:
     beside the trunk, both legs) is kept, not only the largest; thin shells (table top,
     blankets, cables) are not.
     """
-    import SimpleITK as sitk
     from scipy import ndimage as ndi
 
     raw = hu > p.body_min
@@ -224,12 +255,13 @@ def body_mask(hu: np.ndarray, geometry: Geometry, p: HUParams) -> np.ndarray:
     sizes = ndi.sum_labels(np.ones(cc.shape, np.float32), cc, idx) * voxel_ml
     big = idx[sizes >= p.body_part_min_ml]
     keep = [1]
-    if big.size > 1:
-        inner = sitk.SignedMaurerDistanceMap(_to_sitk(opened, geometry), insideIsPositive=True,
-                                             squaredDistance=False, useImageSpacing=True)
-        radius = ndi.maximum(sitk.GetArrayViewFromImage(inner), cc, big)
-        keep += [int(k) for k, r in zip(big, radius, strict=True)
-                 if k != 1 and r >= p.body_part_min_radius_mm]
+    sp = np.asarray(geometry.spacing, float)[::-1]  # numpy (z, y, x) order
+    objs = ndi.find_objects(cc)
+    for k in big[big != 1]:  # radius of the largest inscribed ball, in the part's box
+        box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in objs[k - 1])
+        part = np.pad(cc[box] == k, 1)
+        if float(ndi.distance_transform_edt(part, sampling=sp).max()) >= p.body_part_min_radius_mm:
+            keep.append(int(k))
     body = np.isin(cc, keep)
     body |= raw & _morph(body, geometry, p.body_open_mm + 1.0, "dilate")
     return _fill_slices(body, _axial_axis(geometry))
