@@ -11,7 +11,13 @@ For every slide of the corpus (``pathology/wsi/*``, or the paths given) it measu
   viewer needs for the overview and the first zoom-in);
 * ``baseline`` - decoding the full-resolution level into memory as a non-lazy reader would
   (``tifffile.imread(path, level=0)`` for TIFF slides, ``pydicom`` ``pixel_array`` of all frames
-  for DICOM WSI), and with a display also showing that numpy array in the same viewer.
+  for DICOM WSI), and with a display also showing that numpy array in the same viewer;
+* ``viewer.open`` (with a display) - the path a user takes: ``viewer.open(path,
+  plugin="napari-medfm")`` (npe2 reader lookup, our reader, napari's "Opening Files" progress,
+  the layer and its first screen, ``NAPARI_ASYNC=0``), then one rendered frame; its control is
+  ``viewer.open`` of a PNG holding the slide's overview level (same napari path and display
+  size, trivial data): ``open / control`` near 1 means the slide costs no more than napari's own
+  fixed cost of opening any image.
 
 The ratio ``baseline / ours`` is printed per slide (higher = lazy opening pays off more;
 it grows with slide size: the corpus slides are small crops, real slides are 100x larger while
@@ -115,8 +121,76 @@ class _Viewer:
         t_open = time.perf_counter() - t0
         return (t_open, *self._show(full, {"rgb": True}))
 
+    def napari_open(self, path: Path) -> tuple[float, float, int, float]:
+        """(viewer.open wall s, render s, displayed level, viewer.open CPU s of this process)
+        through the plugin's reader; CPU time (all threads) is robust to a loaded machine."""
+        self.viewer.layers.clear()
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        (layer,) = self.viewer.open(str(path), plugin="napari-medfm")
+        t1 = time.perf_counter()
+        c1 = time.process_time()
+        self.viewer.screenshot(canvas_only=True)
+        t2 = time.perf_counter()
+        level = int(getattr(layer, "data_level", 0))
+        self.viewer.layers.clear()
+        return t1 - t0, t2 - t1, level, c1 - c0
+
     def close(self) -> None:
         self.viewer.close()
+
+
+def _overview_png(path: Path, folder: Path) -> Path:
+    """A PNG of the slide's smallest level (the control for ``viewer.open``)."""
+    from PIL import Image
+
+    from napari_medfm.io import wsi
+
+    (img,) = wsi.read(path)
+    arr = np.asarray(img.data[-1])
+    out = folder / f"{path.stem}_overview.png"
+    Image.fromarray(arr[..., :3] if arr.ndim == 3 else arr).save(out)
+    return out
+
+
+def _napari_open_rows(viewer: _Viewer, paths: list[Path], repeat: int) -> list[dict]:
+    import statistics as st
+    import tempfile
+
+    print(f"\nviewer.open(path, plugin='napari-medfm') + one render; best and median of "
+          f"{repeat}; control = viewer.open of a PNG of the overview level\n")
+    header = (f"{'slide':34s} {'open best':>9s} {'median':>7s} {'cpu':>6s} {'render':>7s} "
+              f"{'level':>5s} | {'control':>7s} {'median':>7s} {'cpu':>6s} {'open/control':>12s}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in paths:
+            png = _overview_png(p, Path(tmp))
+            viewer.napari_open(p)  # warm this layer type
+            viewer.napari_open(png)
+            ours, ctrl = [], []
+            for _ in range(repeat):  # interleaved: the same machine load for both
+                ours.append(viewer.napari_open(p))
+                ctrl.append(viewer.napari_open(png))
+            o_best = min(r[0] for r in ours)
+            o_med = st.median(r[0] for r in ours)
+            c_best = min(r[0] for r in ctrl)
+            c_med = st.median(r[0] for r in ctrl)
+            rend = min(r[1] for r in ours)
+            o_cpu = st.median(r[3] for r in ours)
+            c_cpu = st.median(r[3] for r in ctrl)
+            row = {"slide": p.name, "mode": "viewer.open", "open_best_s": o_best,
+                   "open_median_s": o_med, "open_cpu_median_s": o_cpu, "render_s": rend,
+                   "level_shown": ours[0][2], "control_best_s": c_best,
+                   "control_median_s": c_med, "control_cpu_median_s": c_cpu,
+                   "ratio_open_control": o_med / c_med}
+            rows.append(row)
+            print(f"{p.name[:34]:34s} {1e3 * o_best:7.0f}ms {1e3 * o_med:5.0f}ms "
+                  f"{1e3 * o_cpu:4.0f}ms {1e3 * rend:5.0f}ms {ours[0][2]:5d} | "
+                  f"{1e3 * c_best:5.0f}ms {1e3 * c_med:5.0f}ms {1e3 * c_cpu:4.0f}ms "
+                  f"{o_med / c_med:12.2f}")
+    return rows
 
 
 def _best_parts(fn, repeat: int) -> tuple[float, ...]:
@@ -129,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("paths", nargs="*", type=Path)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--napari-open-only", action="store_true",
+                    help="with a display: only the viewer.open table")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("NAPARI_ASYNC", "0")
@@ -157,8 +233,13 @@ def main(argv: list[str] | None = None) -> int:
               f"best of {args.repeat}; baseline = full level 0 decode\n")
         header = (f"{'slide':34s} {'level0':>11s} {'open':>7s} {'first':>7s} "
                   f"{'baseline':>9s} {'ratio':>6s}")
-    print(header)
-    print("-" * len(header))
+    if viewer is not None and args.napari_open_only:
+        paths_open: list[Path] = paths
+        paths = []
+    else:
+        paths_open = paths
+        print(header)
+        print("-" * len(header))
     try:
         for p in paths:
             (img,) = wsi.read(p)
@@ -186,11 +267,14 @@ def main(argv: list[str] | None = None) -> int:
                              "baseline_s": t_base, "ratio": ratio})
                 print(f"{name:34s} {size:>11s} {t_open * 1e3:5.0f}ms {t_first * 1e3:5.0f}ms "
                       f"{t_base * 1e3:7.0f}ms {ratio:6.2f}")
+        if viewer is not None:
+            rows += _napari_open_rows(viewer, paths_open, max(args.repeat, 5))
     finally:
         if viewer is not None:
             viewer.close()
-    print(f"\nmedian ratio baseline/ours (higher = lazy wins): "
-          f"{statistics.median(r['ratio'] for r in rows):.2f}")
+    lazy = [r["ratio"] for r in rows if "ratio" in r]
+    if lazy:
+        print(f"\nmedian ratio baseline/ours (higher = lazy wins): {statistics.median(lazy):.2f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

@@ -116,7 +116,7 @@ def test_released_layout_loads_strictly_and_matches_timm(vitb16_ckpt):
     with torch.inference_mode():
         want = ref.forward_features(torch.from_numpy(x)[None])[:, 0].numpy()[0]
     got = enc.embed(img)
-    assert set(got) == {"image_embedding"}
+    assert set(got) == {"image_embedding", "modality"} and got["modality"] == "CXR"
     e = got["image_embedding"]
     assert e.dtype == np.float32 and e.shape == (768,)
     np.testing.assert_allclose(e, want, rtol=1e-4, atol=1e-4)

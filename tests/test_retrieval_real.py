@@ -240,6 +240,8 @@ def test_bad_input_in_a_batch_is_skipped_and_recorded(model, real_data, tmp_path
     if not ct.exists() or not cxr.exists():
         pytest.skip("corpus files missing")
     items = collect_inputs([cxr, ct])
+    for it in items:  # PNG radiographs carry no modality (MerMED-FM refuses to guess)
+        it.modality = it.modality or ("CXR" if it.path.suffix == ".png" else None)
     res = drain(build_index(tmp_path / "ix", model, items, batch_size=8))
     assert res.added == 2 and len(res.failed) == 1
     key, err = res.failed[0]

@@ -57,7 +57,8 @@ _MAX_SNIFF_FILES = 64
 # ---------------------------------------------------------------------- sniffing
 def is_dicom_file(path: str | os.PathLike[str]) -> bool:
     """Cheap check: 'DICM' at byte 128, or a file without preamble/meta that starts with a
-    group 0x0002/0x0008 element (explicit or implicit VR little endian)."""
+    group 0x0002/0x0008 element (explicit or implicit VR little endian), possibly after a few
+    stray bytes (see :func:`._dicom_nometa.headerless_offset`)."""
     p = Path(path)
     try:
         if not p.is_file():
@@ -68,17 +69,9 @@ def is_dicom_file(path: str | os.PathLike[str]) -> bool:
         return False
     if len(head) >= 132 and head[128:132] == b"DICM":
         return True
-    if len(head) < 8:
-        return False
-    group = int.from_bytes(head[0:2], "little")
-    elem = int.from_bytes(head[2:4], "little")
-    if group not in (0x0002, 0x0008) or elem > 0x1FFF:
-        return False
-    vr = head[4:6]
-    if vr.isalpha() and vr.isupper():  # explicit VR
-        return True
-    length = int.from_bytes(head[4:8], "little")  # implicit VR: a sane element length
-    return length < 1 << 16
+    from ._dicom_nometa import headerless_offset  # no preamble/meta, maybe a few stray bytes
+
+    return headerless_offset(head) is not None
 
 
 def _candidate_files(folder: Path, limit: int | None = None) -> Iterable[Path]:
@@ -104,7 +97,10 @@ def _first_dicom(folder: Path) -> Path | None:
 def _header(path: Path, **kw: Any) -> Any:
     import pydicom
 
-    return pydicom.dcmread(str(path), force=True, **kw)
+    from ._dicom_nometa import complete_header
+
+    ds = pydicom.dcmread(str(path), force=True, **kw)
+    return complete_header(Path(path), ds, **kw)  # files without File Meta (group 0002)
 
 
 def _sop_class(ds: Any) -> str:
@@ -413,6 +409,11 @@ def _assemble(group: _Group, source: Path, cancel_check: Any = None) -> Generato
     ds0 = first.ds
     fmt = pixel_format(ds0, first.path)
     warnings = list(group.warnings)
+    from ._dicom_nometa import note_of
+
+    no_meta = note_of(ds0)
+    if no_meta:
+        warnings.append(no_meta)
     modality = str(ds0.get("Modality", "") or "OT").strip() or "OT"
     n = len(planes)
     spatial = all(p.ipp is not None and p.iop is not None for p in planes)
@@ -584,6 +585,8 @@ def _assemble(group: _Group, source: Path, cancel_check: Any = None) -> Generato
         md["units"] = units
     if group.multiframe:
         md["number_of_frames"] = n
+    if no_meta:
+        md["file_meta"] = no_meta
     for w in warnings:
         log.warning("%s: %s", Path(first.path).name, w)
     return MedicalImage(

@@ -27,6 +27,7 @@ thumbnail, *listed, never loaded*: slide labels can carry patient identifiers; u
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from pathlib import Path
@@ -316,6 +317,41 @@ def _thumbnail_level(path: Path, tf: Any, levels_shape: tuple[int, ...]) -> int 
     return None
 
 
+def _file_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _series_pixels(key: tuple[str, int, int], series: int) -> np.ndarray:
+    """All pixels of a small TIFF series (a slide's thumbnail), decoded once per file version.
+
+    napari reads the overview level twice when a slide opens (layer thumbnail, then the first
+    screen); one ``tifffile`` decode of the whole image (its strips at once) is several times
+    faster than one dask task per 16-row strip, and the second read is a cache hit.
+    """
+    import tifffile
+
+    with tifffile.TiffFile(key[0]) as tf:
+        arr = tf.series[series].asarray()
+    arr.setflags(write=False)
+    return arr
+
+
+def _overview_level(path: Path, series: int, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A lazy single-chunk dask level for a small series (nothing is decoded here).
+
+    The task key is fresh for every open (``pure=False``), like the zarr-backed levels, so
+    napari's dask cache never serves a stale result; the decode itself is cached by file version.
+    """
+    import dask
+    import dask.array as da
+
+    key = _file_key(path)
+    return da.from_delayed(dask.delayed(_series_pixels, pure=False)(key, series),
+                           shape=shape, dtype=dtype)
+
+
 # ---------------------------------------------------------------------------------- TIFF
 def _read_tiff(path: Path, min_level_size: int) -> MedicalImage:
     import dask.array as da
@@ -346,6 +382,8 @@ def _read_tiff(path: Path, min_level_size: int) -> MedicalImage:
         n_levels = len(series.levels)
         tile = tf.pages.first.tilewidth or None
         thumb = _thumbnail_level(path, tf, series.levels[-1].shape)
+        if thumb is not None:
+            thumb_shape, thumb_dtype = tuple(tf.series[thumb].shape), tf.series[thumb].dtype
     finally:
         tf.close()
 
@@ -362,8 +400,7 @@ def _read_tiff(path: Path, min_level_size: int) -> MedicalImage:
             levels.append(d)
         if thumb is not None and max(levels[-1].shape[:2]) > min_level_size:
             # the scanner's own overview: a cheap first screen instead of decoding a level
-            tz = zarr.open(tifffile.imread(str(path), aszarr=True, series=thumb), mode="r")
-            levels.append(da.from_zarr(tz))
+            levels.append(_overview_level(path, thumb, thumb_shape, thumb_dtype))
         else:
             thumb = None
     except ReadError:

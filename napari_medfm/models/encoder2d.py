@@ -12,25 +12,35 @@ Pipeline (numpy in, ``float32 (3, S, S)`` out; torch only for the resize):
    Anything else (12/16-bit radiographs, float data) is scaled between its 0.5 and 99.5
    percentiles (robust to burnt-in text and collimator edges).
 3. **Channels.** Grey -> replicated to 3 channels; RGBA -> alpha dropped.
-4. **Geometry.** Planes more than 4x larger than needed are first block-averaged to about
-   twice the target size; then the short side is resized to ``size`` (antialiased bilinear), then centre crop
-   ``size`` x ``size`` (the usual evaluation transform of DINO-style encoders).
+4. **Geometry.** ``resize="squash"`` (MerMED-FM, the release's ``Resize((224, 224))``): the
+   whole plane is resized to ``size`` x ``size`` (bilinear, antialiased, aspect not kept, no
+   crop), exactly torchvision's ``Resize((size, size), antialias=True)`` on the [0, 1] tensor.
+   ``resize="crop"``: planes more than 4x larger than needed are first block-averaged to about
+   twice the target size; then the short side is resized to ``size`` (antialiased bilinear),
+   then centre crop ``size`` x ``size`` (the usual evaluation transform of DINO-style encoders).
 5. **Normalisation** with the per-modality mean/std of MerMED-FM (see :data:`MODALITY_NORMS`)
    or the caller's own mean/std (RAD-DINO / DINOv2 use their processor's values).
 
 Modalities are canonicalised from DICOM codes (CR/DX -> CXR, OP -> fundus, SM -> pathology,
-US -> ultrasound, OPT/OCT -> OCT, XC -> dermatology). Unknown modalities (``OT``, plain PNG
-files) use the ImageNet statistics unless the caller names the modality.
+US -> ultrasound, OPT/OCT -> OCT, XC -> dermatology). For the per-modality statistics an
+unknown or missing modality (``OT``, plain PNG files) is an error listing the modalities
+(:class:`UnknownModalityError`, see :func:`resolve_modality`); ImageNet statistics are used only
+when the caller forces the fallback (``modality="imagenet"`` or ``allow_fallback=True``), with a
+loud :class:`ModalityFallbackWarning`.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ..errors import WrongModalityError
+
+log = logging.getLogger(__name__)
 
 #: MerMED-FM per-modality (mean, std), channel order RGB.
 MODALITY_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -43,8 +53,19 @@ MODALITY_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "dermatology": ((0.6614, 0.5189, 0.4714), (0.2396, 0.2199, 0.2286)),
 }
 
-#: Fallback statistics for images of unknown modality.
+#: Fallback statistics, used only when the caller forces it (see :func:`resolve_modality`).
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+#: The name of the forced fallback (ImageNet statistics) in :func:`resolve_modality` results.
+FALLBACK_MODALITY = "imagenet"
+
+
+class UnknownModalityError(WrongModalityError):
+    """The image's modality is missing or not one MerMED-FM was trained on (message lists them)."""
+
+
+class ModalityFallbackWarning(UserWarning):
+    """ImageNet statistics are used because the caller forced the fallback."""
 
 #: Default CT window (centre, width) in HU for 2D CT slices.
 DEFAULT_CT_WINDOW = (40.0, 400.0)
@@ -68,9 +89,62 @@ def canonical_modality(modality: str | None) -> str | None:
 
 
 def norm_for(modality: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) for a modality; ImageNet statistics when unknown."""
+    """(mean, std) for a modality key (or alias); ImageNet statistics for ``"imagenet"``.
+
+    Lenient lookup (unknown -> ImageNet) kept for callers with their own rules; MerMED-FM
+    resolves the modality with :func:`resolve_modality` first, which never falls back silently.
+    """
     key = canonical_modality(modality)
     return MODALITY_NORMS.get(key, IMAGENET_NORM) if key else IMAGENET_NORM
+
+
+def modality_choices() -> str:
+    """Human-readable list of the accepted modalities (for error messages and help)."""
+    return ", ".join(MODALITY_NORMS)
+
+
+def resolve_modality(modality: str | None = None, image: Any = None, *,
+                     allow_fallback: bool = False, model: str = "MerMED-FM") -> str:
+    """The :data:`MODALITY_NORMS` key used to normalise ``image`` (or ``"imagenet"``).
+
+    ``modality`` (the caller's choice) wins over ``image.modality``; an image without a
+    modality whose ``metadata['units']`` is ``'HU'`` is CT. DICOM codes and aliases are
+    accepted (:func:`canonical_modality`). ``modality="imagenet"`` forces the ImageNet
+    statistics; ``allow_fallback=True`` uses them when the modality is unknown. Both emit a
+    :class:`ModalityFallbackWarning` (and a log warning). Otherwise an unknown or missing
+    modality raises :class:`UnknownModalityError` listing the modalities.
+    """
+    given = modality if modality not in (None, "") else getattr(image, "modality", None)
+    name = None if given in (None, "") else str(given).strip()
+    what = f"{getattr(image, 'name', None) or 'image'}"
+    if name is None:
+        md = getattr(image, "metadata", None) or {}
+        if md.get("units") == "HU":
+            return "CT"
+    if name is not None and name.lower() == FALLBACK_MODALITY:
+        _warn_fallback(f"{what}: {model} normalised with ImageNet statistics (forced by "
+                       f"modality='imagenet'); the released model expects one of "
+                       f"{modality_choices()}")
+        return FALLBACK_MODALITY
+    key = canonical_modality(name)
+    if key is not None:
+        return key
+    if allow_fallback:
+        _warn_fallback(f"{what}: modality {name!r} is not one {model} knows; normalised with "
+                       f"ImageNet statistics (fallback forced) - embeddings will differ from "
+                       f"the released model's. Modalities: {modality_choices()}")
+        return FALLBACK_MODALITY
+    got = "no modality" if name is None else f"modality {name!r}"
+    raise UnknownModalityError(
+        f"{what}: {got}; {model} normalises each modality with its own statistics - choose "
+        f"one of: {modality_choices()} (CLI --modality; DICOM codes CR/DX, OP, SM, CT, US, "
+        f"OPT, XC are recognised), or 'imagenet' to force ImageNet statistics"
+    )
+
+
+def _warn_fallback(msg: str) -> None:
+    log.warning(msg)
+    warnings.warn(msg, ModalityFallbackWarning, stacklevel=3)
 
 
 def _is_ct(image: Any, modality: str | None) -> bool:
@@ -197,6 +271,23 @@ def resize_center_crop(chw: np.ndarray, size: int, crop: int | None = None) -> n
     return t[0, :, top:top + crop, left:left + crop].clamp_(0, 1).numpy()
 
 
+def resize_square(chw: np.ndarray, size: int) -> np.ndarray:
+    """The whole plane to ``size`` x ``size`` (bilinear, antialiased, aspect not kept).
+
+    Identical to torchvision ``Resize((size, size), antialias=True)`` on a float tensor (the
+    MerMED-FM release's downstream transform).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    _, h, w = chw.shape
+    t = torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32))[None]
+    if (h, w) != (size, size):
+        t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+    return t[0].numpy()
+
+
 def preprocess(
     image: Any,
     *,
@@ -206,18 +297,32 @@ def preprocess(
     ct_window: tuple[float, float] = DEFAULT_CT_WINDOW,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    resize: str = "crop",
+    allow_fallback: bool = False,
 ) -> np.ndarray:
     """A :class:`MedicalImage` -> normalised ``float32 (3, size, size)`` network input.
 
     ``modality`` overrides ``image.modality`` (used to pick the CT path and the mean/std).
+    Without ``mean``/``std`` the modality is resolved by :func:`resolve_modality` (an unknown
+    one is an error unless ``allow_fallback``). ``resize``: ``"squash"`` (MerMED-FM release) or
+    ``"crop"`` (short side then centre crop).
     """
     mod = modality or getattr(image, "modality", None)
+    if mean is None or std is None:
+        key = resolve_modality(modality, image, allow_fallback=allow_fallback)
+        mean, std = norm_for(key)
+        if key == "CT":
+            mod = "CT"
     plane = select_plane(image, size=size, slice_index=slice_index)
     dtype = plane.dtype
-    unit = to_unit(prereduce(plane, size), ct=_is_ct(image, mod), ct_window=ct_window, dtype=dtype)
-    chw = resize_center_crop(to_rgb_chw(unit), size)
-    if mean is None or std is None:
-        mean, std = norm_for(mod)
+    ct = _is_ct(image, mod)
+    if resize == "squash":
+        chw = resize_square(to_rgb_chw(to_unit(plane, ct=ct, ct_window=ct_window)), size)
+    elif resize == "crop":
+        unit = to_unit(prereduce(plane, size), ct=ct, ct_window=ct_window, dtype=dtype)
+        chw = resize_center_crop(to_rgb_chw(unit), size)
+    else:
+        raise ValueError(f"resize must be 'squash' or 'crop', not {resize!r}")
     m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
     return ((chw - m) / s).astype(np.float32)

@@ -186,16 +186,29 @@ def convert_to_safetensors(src: str | Path, dst: str | Path | None = None, *,
 class ViTEncoder2D:
     """A 2D ViT image encoder with per-modality preprocessing (MerMED-FM style).
 
-    ``embed(image)`` -> ``{"image_embedding": float32 (D,)}``; ``embed_batch(images)`` ->
-    ``float32 (N, D)``. Embeddings are the raw CLS token (not L2-normalised; the retrieval
-    index normalises).
+    ``embed(image)`` -> ``{"image_embedding": float32 (D,), "modality": str}``;
+    ``embed_batch(images)`` -> ``float32 (N, D)``. Embeddings are the raw CLS token (not
+    L2-normalised; the retrieval index normalises).
+
+    Preprocessing is the release's: the whole plane resized to 224 x 224 (squashed, bilinear,
+    antialiased), then the per-modality mean/std. The modality comes from the call's
+    ``modality``, else the builder's ``modality``, else ``image.modality``; an unknown or missing
+    one raises :class:`~napari_medfm.models.encoder2d.UnknownModalityError` (listing the
+    modalities) unless the fallback is forced (``modality="imagenet"``, or
+    ``allow_fallback=True`` per call or at build time), which warns loudly. The modality used
+    is returned by :meth:`modality_for` and in ``embed()``'s ``"modality"`` entry.
     """
+
+    #: the release's ``Resize((224, 224))`` (see :func:`encoder2d.preprocess`)
+    resize_mode = "squash"
 
     def __init__(self, spec: Any, vit: Any, *, weights_sha256: str | None, device: Any = "cpu",
                  input_size: int = 224, default_modality: str | None = None,
                  ct_window: tuple[float, float] = encoder2d.DEFAULT_CT_WINDOW,
-                 weights_path: str | None = None, precision: str = "auto"):
+                 weights_path: str | None = None, precision: str = "auto",
+                 allow_fallback: bool = False):
         self.spec = spec
+        self.allow_fallback = bool(allow_fallback)
         self.precision = precision
         self.model = vit
         self.weights_sha256 = weights_sha256
@@ -216,12 +229,30 @@ class ViTEncoder2D:
                 "weights_sha256": self.weights_sha256, "device": str(self.device),
                 "precision": self.precision, "embedding_dim": self.embedding_dim}
 
+    def modality_for(self, image: Any, modality: str | None = None, *,
+                     allow_fallback: bool | None = None) -> str:
+        """The :data:`~napari_medfm.models.encoder2d.MODALITY_NORMS` key (or ``"imagenet"``)
+        this encoder normalises ``image`` with; raises ``UnknownModalityError`` when unknown
+        and the fallback is not forced."""
+        fb = self.allow_fallback if allow_fallback is None else bool(allow_fallback)
+        return encoder2d.resolve_modality(modality or self.default_modality, image,
+                                          allow_fallback=fb, model="MerMED-FM")
+
     def preprocess(self, image: Any, *, modality: str | None = None,
-                   slice_index: int | str | None = None) -> np.ndarray:
-        """MedicalImage -> normalised ``(3, S, S)`` float32."""
+                   slice_index: int | str | None = None,
+                   allow_fallback: bool | None = None) -> np.ndarray:
+        """MedicalImage -> normalised ``(3, S, S)`` float32 (release transform)."""
+        return self._preprocess(image, self.modality_for(image, modality,
+                                                         allow_fallback=allow_fallback),
+                                slice_index)
+
+    def _preprocess(self, image: Any, key: str, slice_index: Any) -> np.ndarray:
+        mean, std = encoder2d.norm_for(key)
         return encoder2d.preprocess(
-            image, size=self.input_size, modality=modality or self.default_modality,
-            slice_index=slice_index, ct_window=self.ct_window,
+            image, size=self.input_size,
+            modality=key if key != encoder2d.FALLBACK_MODALITY else None,
+            slice_index=slice_index, ct_window=self.ct_window, mean=mean, std=std,
+            resize=self.resize_mode,
         )
 
     def embed_arrays(self, x: np.ndarray) -> np.ndarray:
@@ -238,21 +269,36 @@ class ViTEncoder2D:
             cls = self.model.forward_head(feats, pre_logits=True)
         return cls.float().cpu().numpy().astype(np.float32)
 
-    def embed_batch(self, images: Sequence[Any], *, modality: str | Sequence[str | None] | None = None,
-                    slice_index: int | str | None = None) -> np.ndarray:
-        """Embed several images (one forward pass); ``modality`` may be one per image."""
+    def modalities_for(self, images: Sequence[Any],
+                       modality: str | Sequence[str | None] | None = None, *,
+                       allow_fallback: bool | None = None) -> list[str]:
+        """:meth:`modality_for` of each image (``modality`` may be one per image)."""
         mods = list(modality) if isinstance(modality, (list, tuple)) else [modality] * len(images)
+        return [self.modality_for(im, m, allow_fallback=allow_fallback)
+                for im, m in zip(images, mods, strict=False)]
+
+    def embed_batch(self, images: Sequence[Any], *, modality: str | Sequence[str | None] | None = None,
+                    slice_index: int | str | None = None,
+                    allow_fallback: bool | None = None) -> np.ndarray:
+        """Embed several images (one forward pass); ``modality`` may be one per image.
+
+        Every modality is resolved before any pixel work (an unknown one fails the batch)."""
         if not images:
             return np.zeros((0, self.embedding_dim), np.float32)
-        x = np.stack([self.preprocess(im, modality=m, slice_index=slice_index)
-                      for im, m in zip(images, mods, strict=False)])
+        keys = self.modalities_for(images, modality, allow_fallback=allow_fallback)
+        x = np.stack([self._preprocess(im, k, slice_index)
+                      for im, k in zip(images, keys, strict=True)])
         return self.embed_arrays(x)
 
     def embed(self, image: Any, *, modality: str | None = None,
-              slice_index: int | str | None = None, **_: Any) -> dict[str, np.ndarray]:
-        """``{"image_embedding": float32 (D,)}`` for one 2D image (or a chosen CT slice)."""
-        emb = self.embed_batch([image], modality=modality, slice_index=slice_index)[0]
-        return {"image_embedding": emb}
+              slice_index: int | str | None = None, allow_fallback: bool | None = None,
+              **_: Any) -> dict[str, Any]:
+        """``{"image_embedding": float32 (D,), "modality": str}`` for one 2D image (or a chosen
+        CT slice); ``"modality"`` is the normalisation actually used (a MODALITY_NORMS key or
+        ``"imagenet"`` for a forced fallback)."""
+        key = self.modality_for(image, modality, allow_fallback=allow_fallback)
+        x = self._preprocess(image, key, slice_index)[None]
+        return {"image_embedding": self.embed_arrays(x)[0], "modality": key}
 
 
 def _resolve_weights(spec: Any, weights: Any) -> Path:
@@ -279,12 +325,18 @@ def _pick_device(device: Any) -> Any:
 
 def build(spec: Any, weights: Any = None, device: Any = None, *, vit_config: dict | None = None,
           checkpoint_key: str | None = None, modality: str | None = None,
-          num_heads: int | None = None, precision: str = "auto") -> ViTEncoder2D:
+          num_heads: int | None = None, precision: str = "auto",
+          allow_fallback: bool = False) -> ViTEncoder2D:
     """Registry builder: load MerMED-FM (``.pth`` training checkpoint or converted safetensors).
 
     ``precision``: ``auto`` (fp32 on CPU, bf16/fp16 autocast on GPUs), ``fp32``, ``bf16``,
     ``fp16``. ``vit_config``/``num_heads`` override the architecture read from the tensors.
+    ``modality``: default modality for images that carry none (checked now: an unknown name is
+    an error listing the modalities; ``"imagenet"`` forces the fallback). ``allow_fallback``:
+    use ImageNet statistics (with a warning) for images of unknown modality instead of failing.
     """
+    if modality is not None and str(modality).strip().lower() != encoder2d.FALLBACK_MODALITY:
+        modality = encoder2d.resolve_modality(modality, model="MerMED-FM")
     path = _resolve_weights(spec, weights)
     key = checkpoint_key or spec.extras.get("checkpoint_key", "teacher")
     sd, meta_cfg = read_backbone(path, key=key)
@@ -296,4 +348,4 @@ def build(spec: Any, weights: Any = None, device: Any = None, *, vit_config: dic
     return ViTEncoder2D(spec, vit, weights_sha256=file_sha256(path), device=dev,
                         input_size=int(cfg.get("img_size", spec.extras.get("input_size", 224))),
                         default_modality=modality, weights_path=str(path.resolve()),
-                        precision=precision)
+                        precision=precision, allow_fallback=allow_fallback)

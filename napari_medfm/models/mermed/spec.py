@@ -28,8 +28,10 @@ SPECS = [
             "CLS token is the image embedding. 2D images; CT volumes one slice at a time."
         ),
         input_spec=(
-            "2D image, short side resized to 224 then centre-cropped 224x224, per-modality "
-            "mean/std, grey replicated to 3 channels; CT slices windowed (40/400 HU) first"
+            "2D image resized to 224x224 (whole image squashed, bilinear, antialiased, as the "
+            "release's Resize((224, 224))), per-modality mean/std (modality required: CXR, "
+            "fundus, pathology, CT, OCT, ultrasound, dermatology), grey replicated to 3 "
+            "channels; CT slices windowed (40/400 HU) first"
         ),
         repo_id="youngzhou12/MerMED",
         files=(

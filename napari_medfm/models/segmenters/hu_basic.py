@@ -9,30 +9,42 @@ Labels (value -> name), mutually exclusive, on the CT's own voxel grid:
 4     fat      adipose tissue (-190 .. -30 HU) inside the body
 5     air      gas *inside the body* that is not lung: bowel gas, airway outside the lungs,
                gas pockets. Air outside the patient is background (0).
+6     vessels  contrast-enhanced blood pool (heart chambers, aorta, large veins) above the bone
+               threshold; empty on scans without (dense) contrast
 ====  =======  ==================================================================================
 
 Method (kernels are Euclidean balls in millimetres, built from exact distance maps that use the
 voxel spacing, so the result does not depend on the voxel size or its anisotropy):
 
-* **body**: HU > -500, a binary opening (radius 3 mm) detaches the table and blankets, the
-  largest 3D component is kept, holes are filled slice by slice in the axial plane (the image
-  axis closest to the patient's head-foot axis) and the opening's losses are added back.
-* **lungs**: gas (HU < -500) inside the body split into 3D connected components. A component is
-  lung when (a) its median HU is that of aerated parenchyma (> -920 HU: lung holds vessels and
-  interstitium; bowel gas is ~ -1000 HU, ~ -950 HU with partial volume and stool) and (b) its
-  most superior point lies within 60 mm of the most superior gas in the body (lungs are the
-  highest gas-filled organs: bowel gas sits below the diaphragm), and (c) it holds at least
-  5 mL. The kept components are closed (5 mm) and their holes (vessels) filled per axial slice. Limits: lungs full of fluid/consolidation are not
-  gas and are missed; severe emphysema with a median below -920 HU needs ``lung_median_min``.
-* **bone**: HU above a voxel-size dependent threshold (:func:`bone_threshold`: 200 HU at 1 mm
-  voxels, 150 HU at 3 mm), closed (2 mm), holes (marrow) filled per axial slice, components smaller
-  than 0.3 mL dropped. Dense contrast in vessels or the urinary tract above that threshold is a
-  known false positive.
-* **fat**: -190 .. -30 HU inside the body, not lung or bone.
+* **body**: HU > -500, a binary opening (radius 3 mm) detaches the table and blankets; every
+  3D component that is big (>= 20 mL) and thick (an inscribed ball of radius >= 12 mm) is kept
+  - the trunk, an arm lying beside it, both legs - while thin shells (table top, blankets) are
+  not; holes are filled slice by slice in the axial plane (the image axis closest to the
+  patient's head-foot axis) and the opening's losses are added back.
+* **lungs**: gas (HU < -500) of the whole volume split into 3D connected components. A
+  component is a candidate when at least half of it lies inside the body: the filled body or,
+  per axial slice, the convex hull of the body tissue - so lungs cut by the volume's border (a
+  tight crop around the thorax, where they are not enclosed by tissue) are found. A candidate
+  is lung when (a) its median HU is that of aerated parenchyma (> -920 HU: lung holds vessels
+  and interstitium; outside air and bowel gas are ~ -1000 HU, ~ -950 HU with partial volume
+  and stool), (b) its most superior point lies within 60 mm of the most superior candidate gas
+  (lungs are the highest gas-filled organs: bowel gas sits below the diaphragm), and (c) it
+  holds at least 5 mL. The airway, where it is in the volume, joins both lungs into one
+  component. The kept components are closed (5 mm) and their holes (vessels) filled per axial
+  slice. Limits: lungs full of fluid/consolidation are not gas and are missed; severe
+  emphysema with a median below -920 HU needs ``lung_median_min``.
+* **bone and enhanced blood**: HU above a voxel-size dependent threshold
+  (:func:`bone_threshold`: 200 HU at 1 mm voxels, 150 HU at 3 mm), closed (2 mm). Each thick
+  part of that mask is split into blobs by a watershed of its distance map (the aorta lying on
+  a vertebra becomes its own blob); a blob that is bright, homogeneous, holds no cortex-bright
+  voxels and fades towards its rim is blood (:func:`blood_pool`). The rest is bone: its holes
+  (marrow) are filled per axial slice, components smaller than 0.3 mL dropped. Thin enhanced
+  vessels (no inscribed 4 mm ball) and calcified plaque stay bone.
+* **fat**: -190 .. -30 HU inside the body, not lung, bone or blood.
 * **air**: remaining gas inside the body (HU < -500) that is not lung.
 
-Uses SimpleITK for components and distance-map morphology; numpy/scipy for thresholds and the
-per-slice hole filling.
+Uses SimpleITK for components, distance-map morphology and the watershed; numpy/scipy for
+thresholds, convex hulls and the per-slice hole filling.
 """
 
 from __future__ import annotations
@@ -49,13 +61,15 @@ from ...progress import Progress
 from ...runtime.checks import check_ct
 from .base import Segmenter, SegmentSettings
 
-LABEL_NAMES: dict[int, str] = {1: "body", 2: "lungs", 3: "bone", 4: "fat", 5: "air"}
+LABEL_NAMES: dict[int, str] = {1: "body", 2: "lungs", 3: "bone", 4: "fat", 5: "air",
+                               6: "vessels"}
 LABEL_COLORS: dict[int, list[int]] = {
     1: [177, 122, 101],
     2: [197, 165, 145],
     3: [241, 214, 145],
     4: [230, 220, 70],
     5: [80, 160, 220],
+    6: [216, 101, 79],
 }
 LABEL_DESCRIPTIONS: dict[int, str] = {
     1: "other tissue inside the body outline (soft tissue, organs, muscle, fluid)",
@@ -63,6 +77,8 @@ LABEL_DESCRIPTIONS: dict[int, str] = {
     3: "bone (cortex, trabecular bone and enclosed marrow)",
     4: "adipose tissue (-190..-30 HU)",
     5: "gas inside the body that is not lung (bowel gas, airway outside the lungs)",
+    6: "contrast-enhanced blood pool (heart chambers, great vessels) and other thick enhancing "
+       "tissue above the bone threshold that is not bone-shaped (no brighter cortex)",
 }
 
 
@@ -72,14 +88,24 @@ class HUParams:
 
     body_min: float = -500.0
     body_open_mm: float = 3.0
+    body_part_min_ml: float = 20.0
+    body_part_min_radius_mm: float = 12.0
     gas_max: float = -500.0
     lung_median_min: float = -920.0
     lung_top_margin_mm: float = 60.0
     lung_min_ml: float = 5.0
     lung_close_mm: float = 5.0
+    lung_inside_min: float = 0.5
     bone_min: float | None = None  # None: from the voxel size, see bone_threshold()
     bone_close_mm: float = 2.0
     bone_min_ml: float = 0.3
+    blood_core_mm: float = 4.0
+    blood_min_ml: float = 2.0
+    blood_split_mm: float = 1.5
+    blood_margin_hu: float = 50.0
+    blood_iqr_max: float = 90.0
+    blood_bright_hu: float = 150.0
+    blood_bright_max: float = 0.03
     fat_range: tuple[float, float] = (-190.0, -30.0)
 
 
@@ -97,6 +123,59 @@ def _fill_slices(mask: np.ndarray, axis: int) -> np.ndarray:
     for k in range(out.shape[0]):
         if out[k].any():
             out[k] = ndi.binary_fill_holes(out[k])
+    return np.moveaxis(out, 0, axis)
+
+
+def _hull_2d(mask: np.ndarray) -> np.ndarray:
+    """Convex hull (filled) of a 2D boolean mask, pixel squares included; the mask itself when
+    its points are degenerate (a line).
+
+    The hull of a mask is the hull of the outer corners of each row's first and last pixel, so
+    at most ``4 * 2 * rows`` points go to Qhull; the hull is filled row by row from its
+    half-planes.
+    """
+    from scipy.spatial import ConvexHull, QhullError
+
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return mask.copy()
+    sub = mask[rows]
+    first = np.argmax(sub, axis=1)
+    last = sub.shape[1] - 1 - np.argmax(sub[:, ::-1], axis=1)
+    r = rows.astype(np.float64)
+    pts = np.concatenate([np.stack([r - 0.5, first - 0.5], 1), np.stack([r + 0.5, first - 0.5], 1),
+                          np.stack([r - 0.5, last + 0.5], 1), np.stack([r + 0.5, last + 0.5], 1)])
+    try:
+        hull = ConvexHull(pts)
+    except QhullError:
+        return mask.copy()
+    out = mask.copy()
+    ys = np.arange(rows[0], rows[-1] + 1, dtype=np.float64)
+    lo = np.full(ys.shape, -np.inf)
+    hi = np.full(ys.shape, np.inf)
+    for a, b, c in hull.equations:  # a*y + b*x + c <= 0 inside
+        if abs(b) < 1e-12:
+            bad = a * ys + c > 1e-9
+            lo[bad], hi[bad] = np.inf, -np.inf
+        elif b > 0:
+            hi = np.minimum(hi, (-c - a * ys) / b)
+        else:
+            lo = np.maximum(lo, (-c - a * ys) / b)
+    lo_i = np.clip(np.ceil(lo - 1e-9), 0, mask.shape[1]).astype(int)
+    hi_i = np.clip(np.floor(hi + 1e-9), -1, mask.shape[1] - 1).astype(int)
+    for y, x0, x1 in zip(range(rows[0], rows[-1] + 1), lo_i, hi_i, strict=True):
+        if x1 >= x0:
+            out[y, x0:x1 + 1] = True
+    return out
+
+
+def _hull_slices(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Per-slice convex hull of a boolean volume along numpy ``axis`` (the body outline of a
+    volume cropped through the patient, where holes touching the border cannot be filled)."""
+    out = np.moveaxis(mask.copy(), axis, 0)
+    for k in range(out.shape[0]):
+        if out[k].any():
+            out[k] = _hull_2d(out[k])
     return np.moveaxis(out, 0, axis)
 
 
@@ -157,20 +236,52 @@ def _superior_mm(geometry: Geometry, index_zyx: np.ndarray) -> np.ndarray:
 
 
 def body_mask(hu: np.ndarray, geometry: Geometry, p: HUParams) -> np.ndarray:
+    """Tissue (HU > ``body_min``) of every body part, holes filled per axial slice.
+
+    The opening detaches the table and blankets; then every component that is both big
+    (``body_part_min_ml``) and thick (an inscribed ball of ``body_part_min_radius_mm``: an arm
+    beside the trunk, both legs) is kept, not only the largest; thin shells (table top,
+    blankets, cables) are not.
+    """
+    from scipy import ndimage as ndi
+
     raw = hu > p.body_min
     opened = _morph(raw, geometry, p.body_open_mm, "open")
     cc = _components(opened, geometry)
-    if cc.max() == 0:
+    n = int(cc.max())
+    if n == 0:
         return np.zeros_like(raw)
-    body = cc == 1
+    idx = np.arange(1, n + 1)
+    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
+    sizes = ndi.sum_labels(np.ones(cc.shape, np.float32), cc, idx) * voxel_ml
+    big = idx[sizes >= p.body_part_min_ml]
+    keep = [1]
+    sp = np.asarray(geometry.spacing, float)[::-1]  # numpy (z, y, x) order
+    objs = ndi.find_objects(cc)
+    for k in big[big != 1]:  # radius of the largest inscribed ball, in the part's box
+        box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in objs[k - 1])
+        part = np.pad(cc[box] == k, 1)
+        if float(ndi.distance_transform_edt(part, sampling=sp).max()) >= p.body_part_min_radius_mm:
+            keep.append(int(k))
+    body = np.isin(cc, keep)
     body |= raw & _morph(body, geometry, p.body_open_mm + 1.0, "dilate")
     return _fill_slices(body, _axial_axis(geometry))
 
 
 def lung_mask(hu: np.ndarray, geometry: Geometry, body: np.ndarray, p: HUParams) -> np.ndarray:
+    """Aerated lung: gas components of the whole volume that lie inside the body outline.
+
+    "Inside" is the filled body or, per axial slice, the convex hull of the body tissue: lungs
+    cut by the volume's border (a tight crop around the thorax) are not enclosed by tissue and
+    would be missed by hole filling alone. Outside air that the hull reaches (concavities,
+    between arm and trunk) is excluded by its HU (~ -1000, median below ``lung_median_min``);
+    the airway joins both lungs into one component where it is in the volume.
+    """
     from scipy import ndimage as ndi
 
-    gas = (hu < p.gas_max) & body
+    axis = _axial_axis(geometry)
+    inside = body | _hull_slices(body, axis)
+    gas = hu < p.gas_max
     cc = _components(gas, geometry)
     n = int(cc.max())
     lungs = np.zeros_like(gas)
@@ -178,11 +289,14 @@ def lung_mask(hu: np.ndarray, geometry: Geometry, body: np.ndarray, p: HUParams)
         return lungs
     voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
     idx = np.arange(1, n + 1)
-    sizes = ndi.sum_labels(np.ones_like(cc, dtype=np.float32), cc, idx)
-    keep = idx[sizes * voxel_ml >= p.lung_min_ml]
+    sizes = ndi.sum_labels(np.ones(cc.shape, np.float32), cc, idx)
+    n_in = ndi.sum_labels(inside.astype(np.float32), cc, idx)
+    frac_in = n_in / np.maximum(sizes, 1.0)
+    keep = idx[(sizes * voxel_ml >= p.lung_min_ml) & (frac_in >= p.lung_inside_min)]
     if keep.size == 0:
         return lungs
-    # most superior physical point of each candidate component
+    # most superior physical point and median HU of each candidate component (the reference
+    # "top" is over all gas inside the body, bowel gas included: lungs are the highest gas)
     objs = ndi.find_objects(cc)
     tops, medians = {}, {}
     for lab in keep:
@@ -196,9 +310,9 @@ def lung_mask(hu: np.ndarray, geometry: Geometry, body: np.ndarray, p: HUParams)
               if medians[lab] > p.lung_median_min and tops[lab] >= top_all - p.lung_top_margin_mm]
     if not chosen:
         return lungs
-    lungs = np.isin(cc, chosen)
-    lungs = _morph(lungs, geometry, p.lung_close_mm, "close")
-    lungs = _fill_slices(lungs, _axial_axis(geometry)) & body
+    raw = np.isin(cc, chosen)
+    lungs = _morph(raw, geometry, p.lung_close_mm, "close")
+    lungs = _fill_slices(lungs, axis) & (inside | raw)
     return lungs
 
 
@@ -215,20 +329,113 @@ def bone_threshold(geometry: Geometry, p: HUParams) -> float:
     return float(np.clip(225.0 - 25.0 * size, 150.0, 200.0))
 
 
-def bone_mask(hu: np.ndarray, geometry: Geometry, body: np.ndarray, p: HUParams) -> np.ndarray:
+def _drop_small(mask: np.ndarray, geometry: Geometry, min_ml: float) -> np.ndarray:
     from scipy import ndimage as ndi
 
-    bone = (hu >= bone_threshold(geometry, p)) & body
-    bone = _morph(bone, geometry, p.bone_close_mm, "close")
-    bone = _fill_slices(bone, _axial_axis(geometry)) & body
-    cc = _components(bone, geometry)
+    cc = _components(mask, geometry)
     n = int(cc.max())
     if n == 0:
-        return bone
+        return mask
     voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
-    sizes = ndi.sum_labels(np.ones_like(cc, dtype=np.float32), cc, np.arange(1, n + 1))
-    big = np.flatnonzero(sizes * voxel_ml >= p.bone_min_ml) + 1
+    sizes = ndi.sum_labels(np.ones(cc.shape, np.float32), cc, np.arange(1, n + 1))
+    big = np.flatnonzero(sizes * voxel_ml >= min_ml) + 1
     return np.isin(cc, big)
+
+
+def dense_mask(hu: np.ndarray, geometry: Geometry, body: np.ndarray, p: HUParams,
+               fill: bool = True) -> np.ndarray:
+    """Everything above the bone threshold (bone and enhanced blood), closed (and with
+    ``fill`` its holes filled per axial slice), components smaller than ``bone_min_ml`` dropped."""
+    dense = (hu >= bone_threshold(geometry, p)) & body
+    dense = _morph(dense, geometry, p.bone_close_mm, "close") & body
+    if fill:
+        dense = _fill_slices(dense, _axial_axis(geometry)) & body
+    return _drop_small(dense, geometry, p.bone_min_ml)
+
+
+def blood_pool(hu: np.ndarray, geometry: Geometry, dense: np.ndarray, p: HUParams,
+               features: list | None = None) -> np.ndarray:
+    """Contrast-enhanced blood inside the dense (above bone threshold) mask.
+
+    Each thick dense component is split into blobs by a watershed of its distance map (the
+    aorta lying against a vertebra, the iliac vessels against the pelvis become separate
+    blobs: their contact is a saddle of the distance to the non-dense tissue). A blob is blood
+    when it is thick (an inscribed ball of ``blood_core_mm``, ``blood_min_ml``), its deep half
+    is bright (median >= bone threshold + ``blood_margin_hu``) and homogeneous (interquartile
+    range <= ``blood_iqr_max``: noise only, where trabecular bone is textured), almost none of
+    it is far brighter than that median (at most ``blood_bright_max`` of its voxels above median
+    + ``blood_bright_hu``: every bone blob holds some cortex, even at 3 mm voxels where the
+    trabecular texture is smoothed away), and its outer layer is not brighter than its deep
+    half (a blood pool fades into its wall). Optional ``features`` collects one dict per
+    examined blob (for tuning and tests).
+    """
+    import SimpleITK as sitk
+    from scipy import ndimage as ndi
+
+    blood = np.zeros_like(dense, dtype=bool)
+    if not dense.any():
+        return blood
+    thr = bone_threshold(geometry, p)
+    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
+    layer = float(max(geometry.spacing))
+    dmap = sitk.SignedMaurerDistanceMap(_to_sitk(dense, geometry), insideIsPositive=True,
+                                        squaredDistance=False, useImageSpacing=True)
+    d = sitk.GetArrayFromImage(dmap).astype(np.float32)
+    cc = _components(dense, geometry)
+    for lab, sl in enumerate(ndi.find_objects(cc), start=1):
+        if sl is None:
+            continue
+        box = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1))
+                    for s, n in zip(sl, cc.shape, strict=True))
+        mine = cc[box] == lab
+        dd = np.where(mine, d[box], 0.0)
+        if dd.max() < p.blood_core_mm or mine.sum() * voxel_ml < p.blood_min_ml:
+            continue
+        ws = sitk.MorphologicalWatershed(sitk.GetImageFromArray(-dd), level=p.blood_split_mm,
+                                         markWatershedLine=False, fullyConnected=True)
+        regions = sitk.GetArrayFromImage(ws).astype(np.int32) * mine
+        h = hu[box]
+        for rlab, rsl in enumerate(ndi.find_objects(regions), start=1):
+            if rsl is None:
+                continue
+            reg = regions[rsl] == rlab
+            rd = dd[rsl]
+            maxd = float(rd[reg].max())
+            ml = float(reg.sum()) * voxel_ml
+            if maxd < p.blood_core_mm or ml < p.blood_min_ml:
+                continue
+            rh = h[rsl]
+            core = reg & (rd >= 0.5 * maxd)
+            rim = reg & (rd <= layer)
+            q25, med, q75 = np.percentile(rh[core], [25, 50, 75])
+            rim_med = float(np.median(rh[rim])) if rim.any() else float(med)
+            bright = float((rh[reg] > med + p.blood_bright_hu).mean())
+            is_blood = bool(med >= thr + p.blood_margin_hu and q75 - q25 <= p.blood_iqr_max
+                            and rim_med <= med and bright <= p.blood_bright_max)
+            if features is not None:
+                features.append({"ml": round(ml, 1), "radius_mm": round(maxd, 1),
+                                 "bright_fraction": bright,
+                                 "core_median": float(med), "core_iqr": float(q75 - q25),
+                                 "rim_median": rim_med, "blood": is_blood})
+            if is_blood:
+                blood[box][rsl] |= reg  # views: writes into ``blood``
+    return blood
+
+
+def bone_and_blood(hu: np.ndarray, geometry: Geometry, body: np.ndarray,
+                   p: HUParams) -> tuple[np.ndarray, np.ndarray]:
+    """(bone, enhanced blood). The dense mask (closed, not yet filled) is split by
+    :func:`blood_pool`; the rest is bone, whose holes (marrow) are then filled per axial slice
+    (soft tissue enclosed by a ring of vessels and bone is not bone)."""
+    dense = dense_mask(hu, geometry, body, p, fill=False)
+    blood = blood_pool(hu, geometry, dense, p)
+    bone = _fill_slices(dense & ~blood, _axial_axis(geometry)) & body & ~blood
+    return _drop_small(bone, geometry, p.bone_min_ml), blood
+
+
+def bone_mask(hu: np.ndarray, geometry: Geometry, body: np.ndarray, p: HUParams) -> np.ndarray:
+    """Bone only (see :func:`bone_and_blood`)."""
+    return bone_and_blood(hu, geometry, body, p)[0]
 
 
 def segment_hu(hu: np.ndarray, geometry: Geometry,
@@ -247,16 +454,19 @@ def segment_hu(hu: np.ndarray, geometry: Geometry,
     body = body_mask(hu, geometry, p)
     yield Progress(1, total, "lungs")
     lungs = lung_mask(hu, geometry, body, p)
-    yield Progress(2, total, "bone")
-    bone = bone_mask(hu, geometry, body, p) & ~lungs
+    yield Progress(2, total, "bone and enhanced blood")
+    bone, blood = bone_and_blood(hu, geometry, body, p)
+    bone &= ~lungs
+    blood &= ~lungs
     yield Progress(3, total, "fat and gas")
     lo, hi = p.fat_range
-    fat = body & (hu >= lo) & (hu <= hi) & ~lungs & ~bone
-    gas = body & (hu < p.gas_max) & ~lungs & ~bone
+    fat = body & (hu >= lo) & (hu <= hi) & ~lungs & ~bone & ~blood
+    gas = body & (hu < p.gas_max) & ~lungs & ~bone & ~blood
     labels = np.zeros(hu.shape, dtype=np.uint8)
     labels[body] = 1
     labels[fat] = 4
     labels[gas] = 5
+    labels[blood] = 6
     labels[bone] = 3
     labels[lungs] = 2
     yield Progress(total, total, "done")

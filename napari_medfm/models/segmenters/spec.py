@@ -1,6 +1,6 @@
 """Segmentation model specs (torch-free; read by the registry).
 
-* ``hu-basic``: weights-free HU thresholds + morphology (body, lungs, bone, fat, air).
+* ``hu-basic``: weights-free HU thresholds + morphology (body, lungs, bone, fat, air, vessels).
 * ``totalsegmentator``: optional extra (``pip install napari-medfm[totalsegmentator]``), 117
   structures; available only when the ``totalsegmentator`` package is importable and its
   weights are present (see :mod:`napari_medfm.models.segmenters.totalseg`).
@@ -21,11 +21,12 @@ SPECS = [
         dims=(3,),
         builder="napari_medfm.models.segmenters.hu_basic:build",
         description="Weights-free CT segmentation from Hounsfield thresholds and morphology "
-        "(SimpleITK): body, lungs, bone, fat, air (gas inside the body that is not lung).",
+        "(SimpleITK): body, lungs, bone, fat, air (gas inside the body that is not lung), "
+        "vessels (contrast-enhanced blood pool).",
         input_spec="3D CT in HU, any spacing/orientation; kernels in mm",
         licence="BSD-3-Clause",
         needs_weights=False,
-        extras={"labels": {1: "body", 2: "lungs", 3: "bone", 4: "fat", 5: "air"}},
+        extras={"labels": {1: "body", 2: "lungs", 3: "bone", 4: "fat", 5: "air", 6: "vessels"}},
     ),
     ModelSpec(
         id="totalsegmentator",
