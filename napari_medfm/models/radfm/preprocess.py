@@ -5,8 +5,8 @@
   [0, 1] without mean/std (uint8 / 255; other dtypes: display window if any, else min-max),
   replicated to depth 4 -> ``[3, S, S, 4]``.
 * 3D (numpy ``(z, y, x)``): optional window ``(center, width)`` clip (the release has none),
-  global min-max to [0, 1], 3 copied channels, ``image_size`` in-plane, depth > ``max_depth``
-  zoomed to ``max_depth``, then snapped to the nearest multiple of 4 in ``[4, max_depth]``
+  ``image_size`` in-plane with depth > ``max_depth`` zoomed to ``max_depth`` (trilinear),
+  global min-max to [0, 1], 3 copied channels, depth then snapped to the nearest multiple of 4 in ``[4, max_depth]``
   (ties round up) -> ``[3, S, S, D]`` with H = y, W = x, D = z.
 
 Output float32 tensors ready for ``vision_x`` (stack as ``[B, S, 3, H, W, D]``).
@@ -96,11 +96,16 @@ def preprocess_3d(image: Any, *, image_size: int = 512, max_depth: int = 64,
     if window is not None:
         c, w = float(window[0]), float(window[1])
         v = np.clip(v, c - w / 2.0, c + w / 2.0)
-    lo, hi = float(v.min()), float(v.max())
-    v = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
-    d = snap_depth(v.shape[0], max_depth)
+    # the release's order: in-plane resize + depth zoom (<= max_depth), min-max, depth snap
+    zoom_d = min(v.shape[0], max_depth)
     t = torch.from_numpy(np.ascontiguousarray(v)).permute(1, 2, 0)[None, None]  # 1 1 y x z
-    if tuple(t.shape[-3:]) != (image_size, image_size, d):
+    if tuple(t.shape[-3:]) != (image_size, image_size, zoom_d):
+        t = F.interpolate(t, size=(image_size, image_size, zoom_d), mode="trilinear",
+                          align_corners=False)
+    lo, hi = float(t.min()), float(t.max())
+    t = (t - lo) / (hi - lo) if hi > lo else torch.zeros_like(t)
+    d = snap_depth(zoom_d, max_depth)
+    if d != zoom_d:
         t = F.interpolate(t, size=(image_size, image_size, d), mode="trilinear",
                           align_corners=False)
     t = t.clamp(0.0, 1.0)[0]
