@@ -353,6 +353,7 @@ def test_stream_pieces_join_to_the_decoded_ids_and_close_stops(model, monkeypatc
     assert model.generate(img, "What do you see", max_new_tokens=15, stream=seen.append) == \
         "".join(pieces).strip()
     assert seen == pieces
+    assert model.generate([img], "What do you see", max_new_tokens=15) == "".join(pieces).strip()
     # closing the iterator stops at the next token
     calls = []
     real = model.net.lang_model.forward

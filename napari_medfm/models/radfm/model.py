@@ -489,14 +489,28 @@ class RadFMModel:
     def generate(self, images: Any, prompt: str, max_new_tokens: int = 200,
                  stream: Callable[[str], Any] | None = None,
                  window: tuple[float, float] | None = None) -> str:
-        """The generated text; ``stream(piece)`` is called with each piece as it arrives."""
-        pieces = []
-        for piece in self.stream(images if isinstance(images, (list, tuple)) else [images],
-                                 prompt, max_new_tokens=max_new_tokens, window=window):
-            pieces.append(piece)
-            if stream is not None:
+        """The generated text; ``stream(piece)`` is called with each piece as it arrives
+        (without ``stream`` the ids are decoded once at the end, the same text)."""
+        images = images if isinstance(images, (list, tuple)) else [images]
+        if stream is not None:
+            pieces = []
+            for piece in self.stream(images, prompt, max_new_tokens=max_new_tokens,
+                                     window=window):
+                pieces.append(piece)
                 stream(piece)
-        return "".join(pieces).strip()
+            return "".join(pieces).strip()
+        sp = self.tokenizer
+        prompt = self._fix_prompt(prompt)
+        tensors = self.preprocess(images, window=window)
+        ids = self.prompt_ids(prompt, len(tensors))
+        vis = self._encode_sample(tensors)
+        out = []
+        for nxt in self.iter_ids(None, [ids], max_new_tokens, vision=vis):
+            tok = int(nxt[0])
+            if tok == self.cfg.eos_id:
+                break
+            out.append(tok)
+        return sp.decode(out).strip() if out else ""
 
     # ---- findings
 
