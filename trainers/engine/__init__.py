@@ -8,6 +8,7 @@ from .config import ConfigError, deep_merge, get
 from .distributed import (
     Dist,
     GlobalBatchNorm,
+    activation_checkpoint,
     all_gather_with_grad,
     all_reduce_mean,
     convert_batchnorm,
@@ -26,7 +27,7 @@ from .recipe import Recipe, RunContext
 
 __all__ = [
     "Recipe", "RunContext", "main", "run", "run_cli", "add_engine_arguments", "lr_factor",
-    "Dist", "GlobalBatchNorm", "convert_batchnorm", "all_gather_with_grad", "all_reduce_mean",
+    "Dist", "GlobalBatchNorm", "activation_checkpoint", "convert_batchnorm", "all_gather_with_grad", "all_reduce_mean",
     "ManifestError", "Row", "image_readable", "TrainError", "NonFiniteLossError",
     "ConfigError", "deep_merge", "get",
 ]

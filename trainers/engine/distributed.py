@@ -25,6 +25,7 @@ warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated", 
 warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled", category=UserWarning)
 
 __all__ = ["Dist", "init_distributed", "all_gather_with_grad", "all_reduce_mean",
+           "activation_checkpoint",
            "GlobalBatchNorm", "convert_batchnorm", "wrap_model", "seed_everything",
            "rank_seed"]
 
@@ -141,6 +142,41 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return y / dist.get_world_size()
 
 
+_RECOMPUTING = __import__("threading").local()
+
+
+def _recomputing() -> bool:
+    return bool(getattr(_RECOMPUTING, "on", False))
+
+
+class _Recompute:
+    def __enter__(self) -> None:
+        _RECOMPUTING.on = True
+
+    def __exit__(self, *exc: Any) -> None:
+        _RECOMPUTING.on = False
+
+
+def activation_checkpoint(module: nn.Module) -> nn.Module:
+    """Recompute ``module``'s activations in the backward pass (``torch.utils.checkpoint``,
+    non-reentrant) instead of storing them. Batch norms of this package
+    (:class:`GlobalBatchNorm`) do not update their running statistics twice."""
+    import contextlib
+
+    from torch.utils.checkpoint import checkpoint
+
+    plain = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return plain(*args, **kwargs)
+        return checkpoint(plain, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _Recompute()), **kwargs)
+
+    module.forward = forward  # type: ignore[method-assign]
+    return module
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm over the GLOBAL batch (statistics all-reduced with gradients), on any backend.
 
@@ -167,7 +203,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         n = stats[2 * c].detach()
         mean = stats[:c] / n
         var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
-        if self.training and self.track_running_stats:
+        if self.training and self.track_running_stats and not _recomputing():
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else \

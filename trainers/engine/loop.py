@@ -244,16 +244,21 @@ def _run(recipe: Recipe, args: argparse.Namespace, d: Dist, stop: _Stop) -> dict
     saved_at = step
     kill_at = int(t.get("debug_kill_at_step") or 0)
     model.train()
+    # one loader for the rest of the run (workers persist); what it yields depends only on the
+    # stream position it starts from
+    loader = make_loader(dataset, stream, position, micro_global, micro, d.rank,
+                         acc * max(0, ctx.max_steps - step), recipe.collate,
+                         int(t["num_workers"]))
+    batches = iter(loader)
     try:
         while step < ctx.max_steps:
             ctx.step = step
             t0 = time.perf_counter()
-            loader = make_loader(dataset, stream, position, micro_global, micro, d.rank, acc,
-                                 recipe.collate, int(t["num_workers"]))
             loss_sum = torch.zeros((), device=d.device)
             sums: dict[str, float] = {}
             optimizer.zero_grad(set_to_none=True)
-            for j, batch in enumerate(loader):
+            for j in range(acc):
+                batch = _to_device(next(batches), d.device)
                 sync = j == acc - 1
                 with _no_sync(model, sync):
                     with autocast():
@@ -306,6 +311,7 @@ def _run(recipe: Recipe, args: argparse.Namespace, d: Dist, stop: _Stop) -> dict
                     log.warning("SIGTERM: saved step %d, exiting", step)
                 return {"step": step, "stopped": True, "last": last}
     finally:
+        del batches, loader
         if bar is not None:
             bar.close()
         metrics.close()
@@ -313,6 +319,16 @@ def _run(recipe: Recipe, args: argparse.Namespace, d: Dist, stop: _Stop) -> dict
     if t["export"]:
         result["export"] = _export(recipe, model, ctx, last)
     return result
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
 
 
 def _mean_over_ranks(x: torch.Tensor, d: Dist) -> float:

@@ -62,18 +62,37 @@ def read_manifest(path: str | Path, required: Sequence[str], optional: Sequence[
     return rows
 
 
-def image_readable(path: Path) -> str | None:
-    """None when ``path`` opens as an image with the plugin's readers, else the reason."""
+def image_readable(path: Path, full: bool = False) -> str | None:
+    """None when ``path`` looks like an image the plugin reads, else the reason.
+
+    ``full=False`` (default; fast enough for tens of thousands of rows): the file exists, a
+    reader claims it, and for NIfTI/NRRD/MetaImage files SimpleITK reads the header.
+    ``full=True``: the image is read completely with the plugin's readers.
+    """
     from napari_medfm import io
 
     if not path.exists():
         return f"file not found: {path}"
-    try:
-        imgs = io.read(path)
-    except Exception as exc:
-        return f"unreadable image {path.name}: {exc}".splitlines()[0][:300]
-    if not imgs:
-        return f"no image in {path.name}"
+    if not io.can_read(path):
+        return f"not an image the plugin reads: {path.name}"
+    if full:
+        try:
+            imgs = io.read(path)
+        except Exception as exc:
+            return f"unreadable image {path.name}: {exc}".splitlines()[0][:300]
+        return None if imgs else f"no image in {path.name}"
+    from napari_medfm.io import volume
+
+    if path.is_file() and volume.can_read(path):
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            msg = [ln for ln in str(exc).splitlines() if ln.strip()]
+            return f"unreadable image {path.name}: {(msg[-1] if msg else 'bad header')[:200]}"
     return None
 
 
