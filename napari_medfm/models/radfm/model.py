@@ -38,7 +38,7 @@ from .spec import CHECKPOINT, CONFIG_FILE, TOKENIZER
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RadFMModel", "build", "drop_unused_keys", "UNUSED_PREFIXES", "estimate_memory_bytes",
+__all__ = ["RadFMModel", "build", "image_block", "interleaved_ids", "drop_unused_keys", "UNUSED_PREFIXES", "estimate_memory_bytes",
            "load_findings_questions", "find_checkpoint"]
 
 #: Present in the released checkpoint but unused at inference (dropped before the strict load).
@@ -207,6 +207,40 @@ def load_findings_questions(prompts: Any = None, group: str | None = None
     return qs, answers
 
 
+# --------------------------------------------------------------------------- token stream
+
+
+def image_block(cfg: RadFMConfig, index: int) -> list[int]:
+    """``<image>`` = V, the ids V+2+k of image ``index``'s latents, ``</image>`` = V+1."""
+    n = cfg.perceiver.num_latents
+    return ([cfg.image_token] + [cfg.patch_token(index * n + j) for j in range(n)]
+            + [cfg.end_image_token])
+
+
+def interleaved_ids(cfg: RadFMConfig, encode: Callable[[str], list[int]], prompt: str,
+                    n_images: int, *, bos: bool = True) -> list[int]:
+    """BOS + image blocks + text: each image where the prompt says ``<image>`` (one marker per
+    image, in order), else all images first. ``encode`` gives ids without BOS (LLaMA's legacy
+    tokenizer after a special token). Used by the model and by the trainer."""
+    if not prompt or not prompt.strip():
+        raise MedfmError("RadFM: the prompt is empty; ask a question or request a report")
+    pieces = prompt.split("<image>")
+    ids = [cfg.bos_id] if bos else []
+    if len(pieces) == 1:
+        for i in range(n_images):
+            ids += image_block(cfg, i)
+        return ids + list(encode(prompt.strip()))
+    if len(pieces) - 1 != n_images:
+        raise MedfmError(f"the prompt has {len(pieces) - 1} <image> markers for "
+                         f"{n_images} image(s)")
+    for i, text in enumerate(pieces):
+        if text.strip():
+            ids += list(encode(text.strip()))
+        if i < n_images:
+            ids += image_block(cfg, i)
+    return ids
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -292,32 +326,11 @@ class RadFMModel:
 
     def image_block(self, index: int) -> list[int]:
         """``<image>``, the 32 ids of image ``index`` of the sample, ``</image>``."""
-        n = self.cfg.perceiver.num_latents
-        return ([self.cfg.image_token]
-                + [self.cfg.patch_token(index * n + j) for j in range(n)]
-                + [self.cfg.end_image_token])
+        return image_block(self.cfg, index)
 
     def prompt_ids(self, prompt: str, n_images: int) -> list[int]:
-        """BOS + the image blocks + the question: where the prompt says ``<image>`` (one per
-        image, in order), else all images first."""
-        if not prompt or not prompt.strip():
-            raise MedfmError("RadFM: the prompt is empty; ask a question or request a report")
-        pieces = prompt.split("<image>")
-        ids = [self.cfg.bos_id]
-        if len(pieces) == 1:
-            for i in range(n_images):
-                ids += self.image_block(i)
-            ids += self.encode_text(prompt.strip())
-            return ids
-        if len(pieces) - 1 != n_images:
-            raise MedfmError(f"the prompt has {len(pieces) - 1} <image> markers for "
-                             f"{n_images} image(s)")
-        for i, text in enumerate(pieces):
-            if text.strip():
-                ids += self.encode_text(text.strip())
-            if i < n_images:
-                ids += self.image_block(i)
-        return ids
+        """BOS + the image blocks + the question (see :func:`interleaved_ids`)."""
+        return interleaved_ids(self.cfg, self.encode_text, prompt, n_images)
 
     # ---- tensors
 
