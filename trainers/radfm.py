@@ -298,11 +298,13 @@ class RadFMRecipe(Recipe):
                       ) -> tuple[torch.Tensor, dict[str, Any]]:
         mode = ctx.cfg["loss"]["mode"]
         losses, hf, wt = [], [], []
+        tokens = 0
         dev = ctx.device
         for g in batch:
             logits = model(g["images"].to(dev), g["counts"], g["input_ids"].to(dev),
                            g["attention_mask"].to(dev))
             labels = g["labels"].to(dev)
+            tokens += int(g["attention_mask"].sum())
             l_hf = hf_loss(logits, labels)
             l_w = weighted_loss(logits, labels, g["weights"].to(dev))
             losses.append(l_hf if mode == "hf" else l_w)
@@ -310,7 +312,7 @@ class RadFMRecipe(Recipe):
             wt.append(l_w.detach())
         loss = torch.stack(losses).mean()
         return loss, {"loss_hf": torch.stack(hf).mean(), "loss_weighted": torch.stack(wt).mean(),
-                      "dims": float(batch[0]["dims"])}
+                      "dims": float(batch[0]["dims"]), "tokens": float(tokens)}
 
     # ------------------------------------------------------------ export
     def export(self, model: nn.Module, ctx: RunContext) -> dict[str, Any]:
