@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import real_path
 
 import napari_medfm
 from napari_medfm.errors import MedfmError, WeightsError
@@ -24,8 +25,6 @@ from napari_medfm.models.radfm.testing import (
     train_tokenizer,
     write_model_folder,
 )
-
-from conftest import real_path
 
 torch.set_num_threads(1)
 
@@ -272,7 +271,7 @@ def test_prompt_ids_with_image_tokens(model):
 
     sp = spm.SentencePieceProcessor(model_file=str(model.tokenizer_path))
     V = model.cfg.vocab_size
-    assert V == sp.get_piece_size()
+    assert sp.get_piece_size() == V
     q = "Is there a pleural effusion?"
     ids = model.prompt_ids(q, 1)
     n = model.cfg.perceiver.num_latents

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import real_path
 
 from napari_medfm.geometry import Geometry
 from napari_medfm.io import read
@@ -18,8 +19,6 @@ from napari_medfm.models.radfm.preprocess import (
     preprocess_image,
     snap_depth,
 )
-
-from conftest import real_path
 
 
 def test_snap_depth_rule():

@@ -13,6 +13,7 @@ from collections import namedtuple
 
 import pytest
 import torch
+from test_runtime_weights import REPO, HubServer
 
 import napari_medfm
 from napari_medfm.errors import WeightsError
@@ -24,8 +25,6 @@ from napari_medfm.runtime.weights import (
     split_zip_members,
     unpack_split_zip,
 )
-
-from test_runtime_weights import REPO, HubServer
 
 PARTS = ("RadFM.z01", "RadFM.z02", "RadFM.z03", "RadFM.z04", "RadFM.zip")
 
@@ -86,9 +85,9 @@ def test_split_zip_is_read_across_the_parts(tmp_path, zip64):
 def test_single_zip64_archive_and_corruption_detected(tmp_path):
     payload = b"radfm" * 50_000
     z = tmp_path / "one.zip"
-    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
-        with zf.open("w/pytorch_model.bin", "w", force_zip64=True) as fh:
-            fh.write(payload)
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf, \
+            zf.open("w/pytorch_model.bin", "w", force_zip64=True) as fh:
+        fh.write(payload)
     [out] = unpack_split_zip([z], tmp_path / "out", members=["pytorch_model.bin"])
     assert out.read_bytes() == payload
     raw = bytearray(z.read_bytes())

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import real_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +163,7 @@ def test_dictionary_tagger_and_sample_weights(tmp_path):
     assert labels[:n_prompt] == [-100] * n_prompt and weights[:n_prompt] == [0.0] * n_prompt
     assert ids[-1] == labels[-1] == cfg.eos_id and weights[-1] == 1.0
     proto = sp.encode(text, return_type="proto")
-    for p, w in zip(proto.pieces, weights[n_prompt:-1]):
+    for p, w in zip(proto.pieces, weights[n_prompt:-1], strict=True):
         inside = any(p.begin < e and p.end > b for b, e in tag(text)) and p.end > p.begin
         assert w == (3.0 if inside else 1.0), p.piece
     assert 3.0 in weights and 1.0 in weights
@@ -218,13 +217,12 @@ def test_two_processes_sigkill_resume_equal_one_uninterrupted(reference, manifes
 
 def test_lora_export_merged_equals_adapters_applied(manifest, tmp_path):
     pytest.importorskip("peft")
+    import sentencepiece as spm
+
     import napari_medfm
     from napari_medfm.models.radfm.network import RadFMNetwork
-    from napari_medfm.models.radfm.testing import train_tokenizer, write_model_folder
-    from napari_medfm.models.radfm.testing import tiny_config
+    from napari_medfm.models.radfm.testing import tiny_config, train_tokenizer, write_model_folder
     from trainers.radfm_lora import load_adapters
-
-    import sentencepiece as spm
 
     tok = train_tokenizer(_reports(), tmp_path / "tok.model", vocab_size=400)
     V = spm.SentencePieceProcessor(model_file=str(tok)).get_piece_size()

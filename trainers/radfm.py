@@ -48,7 +48,6 @@ from trainers.engine import (
     image_readable,
     run_cli,
 )
-
 from trainers.radfm_data import RadFMGroups, collate_group, split_paths
 from trainers.radfm_loss import hf_loss, make_tagger, weighted_loss
 

@@ -194,7 +194,7 @@ class RadFMGroups:
         self.entity_weight = float(cfg["loss"]["entity_weight"])
         self.paths = [[r.base / p if not Path(p).is_absolute() else Path(p)
                        for p in split_paths(r["images"])] for r in self.rows]
-        self.dims = [row_dims(p, r["dims"]) for p, r in zip(self.paths, self.rows)]
+        self.dims = [row_dims(p, r["dims"]) for p, r in zip(self.paths, self.rows, strict=True)]
         self.groups = make_groups(self.dims, int(d["batch_2d"]), int(d["batch_3d"]),
                                   int(cfg["train"]["seed"]))
         self._cache: dict[str, torch.Tensor] = {}

@@ -19,6 +19,7 @@ import importlib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 

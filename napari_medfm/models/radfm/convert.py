@@ -91,7 +91,7 @@ def convert(src: str | Path, out: str | Path | None = None, *, dtype: torch.dtyp
     weight_map: dict[str, str] = {}
     paths = []
     meta = {"format": "pt", "source": ckpt.name, "model": "radfm"}
-    for keys, name in zip(groups, names):
+    for keys, name in zip(groups, names, strict=True):
         tensors = {k: sd[k].to(dtype).contiguous().clone() for k in keys}
         _atomic_save(tensors, out / name, meta)
         del tensors
