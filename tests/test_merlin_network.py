@@ -126,7 +126,10 @@ def test_released_layout_loads_strictly_and_bad_keys_are_listed(tmp_path):
 
     # a full-size model refuses the tiny checkpoint (shape mismatches are listed)
     with pytest.raises(WeightsError, match="shape mismatches"):
-        load_model("merlin", weights=ck, device="cpu", text=False)
+        load_model("merlin", weights=ck, device="cpu", config="full", text=False)
+    # the default ("auto") reads the tower shapes from the checkpoint itself
+    auto = load_model("merlin", weights=ck, device="cpu", text=False)
+    assert auto.image_config == m.image_config
 
 
 def test_whole_clip_checkpoint_loads_strictly_with_text(tmp_path):

@@ -6,6 +6,7 @@
     medfm weights verify [ID] [--json] [--rehash]
     medfm weights path ID [--file F]
     medfm weights convert SRC DST [--prefix P] [--allow CLASS ...] [--dtype bf16]
+    medfm weights convert MODEL [--weights DIR] [--out DIR] [--dtype bf16] [--shard-size 5GB]
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     spec = get_spec(args.model)
     mgr = _manager()
     files = args.file or None
+    if spec.extras.get("archive") and not files:
+        return _fetch_archive(spec, mgr, args)
     chosen = mgr.plan_fetch(spec, files)
     sizes = [wf.size for wf in chosen]
     total = _human(sum(s for s in sizes if s)) if all(sizes) else "unknown size"
@@ -80,6 +83,23 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     print(f"fetching {len(chosen)} file(s), {total}, for {spec.id} from "
           f"hf.co/{spec.repo_id}{licence} into {mgr.model_dir(spec)}", file=sys.stderr)
     paths = drain_with_tqdm(mgr.fetch_iter(spec, files, retries=args.retries),
+                            desc=spec.id, disable=args.quiet)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _fetch_archive(spec: Any, mgr: Any, args: argparse.Namespace) -> int:
+    """A release published as a split zip: fetch the parts (resumable), then unpack them."""
+    from ..progress import drain_with_tqdm
+    from ..runtime.weights import fetch_archive_iter
+
+    arch = spec.extras["archive"]
+    print(f"fetching {spec.id} from hf.co/{spec.repo_id} as published: a split zip "
+          f"({', '.join(arch['parts'])}, about {_human(arch.get('download_size_estimate'))}) "
+          f"unpacked into {mgr.model_dir(spec)}", file=sys.stderr)
+    paths = drain_with_tqdm(fetch_archive_iter(spec, mgr, keep_parts=not args.delete_parts,
+                                               retries=args.retries),
                             desc=spec.id, disable=args.quiet)
     for p in paths:
         print(p)
@@ -132,6 +152,16 @@ def cmd_path(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from ..runtime.safe_load import convert_to_safetensors
 
+    if args.dst is None:  # `convert MODEL`: the model's own one-time converter
+        import importlib
+
+        from ..runtime.registry import get_spec
+
+        target = get_spec(args.src).extras.get("converter")
+        if not target:
+            raise WeightsError(f"convert: {args.src} has no converter; give SRC and DST files")
+        modname, _, fn = target.partition(":")
+        return int(getattr(importlib.import_module(modname), fn)(args))
     dtype = None
     if args.dtype:
         import torch
@@ -163,6 +193,8 @@ def register(sub: Any) -> None:
                    help="only this file of the repository (repeatable)")
     q.add_argument("--retries", type=int, default=3, help="automatic resumes after a cut")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    q.add_argument("--delete-parts", action="store_true",
+                   help="split-zip releases (radfm): delete the parts after unpacking")
     q.set_defaults(func=cmd_fetch)
 
     q = ws.add_parser("import", help="bring local weights (file or hub-layout folder) in")
@@ -185,8 +217,13 @@ def register(sub: Any) -> None:
     q.set_defaults(func=cmd_path)
 
     q = ws.add_parser("convert", help="convert a checkpoint to safetensors (one time, atomic)")
-    q.add_argument("src")
-    q.add_argument("dst")
+    q.add_argument("src", help="a checkpoint file, or a model id with a converter (radfm)")
+    q.add_argument("dst", nargs="?", help="output .safetensors (not with a model id)")
+    q.add_argument("--weights", metavar="DIR", help="model id form: the model folder "
+                   "(default: the weights folder)")
+    q.add_argument("--out", metavar="DIR", help="model id form: where the shards go "
+                   "(default: the model folder)")
+    q.add_argument("--shard-size", metavar="SIZE", help="model id form: shard size, e.g. 5GB")
     q.add_argument("--prefix", help="keep only this sub-tree, e.g. teacher.module.backbone.")
     q.add_argument("--allow", action="append", metavar="CLASS",
                    help="training checkpoint: plain-data class to allow when unpickling, "

@@ -773,3 +773,287 @@ __all__ = [
     "MISMATCH", "MISSING", "OK", "PARTIAL", "UNPINNED", "WeightsManager", "how_to_get",
     "resolve_weights", "sha256_file",
 ]
+
+
+# --------------------------------------------------------------------------- split zip releases
+#
+# Some releases are published as a split zip (``NAME.z01`` .. ``NAME.zNN`` + ``NAME.zip``, the
+# ``.zip`` being the last "disk"), e.g. RadFM. A spec declares it in
+# ``extras["archive"] = {"parts": (...in disk order...), "members": (...files to extract...),
+# "download_size_estimate": bytes, "unpacked_size_estimate": bytes}``. The parts are fetched by
+# the ordinary resumable, hash-verified download; the archive is then read directly across the
+# parts (stored or deflated members, ZIP64, CRC-32 checked) and each member written to a
+# temporary file moved into place atomically, its sha256 computed on the way and cached.
+
+_ZIP_EOCD = b"PK\x05\x06"
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_EOCD = b"PK\x06\x06"
+_ZIP_CDH = b"PK\x01\x02"
+_ZIP_LFH = b"PK\x03\x04"
+
+
+class _Segments:
+    """The parts of a split archive as one read-only byte stream (disk k starts at offset[k])."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = [Path(p) for p in paths]
+        self.sizes = [p.stat().st_size for p in self.paths]
+        self.offsets = [0]
+        for s in self.sizes[:-1]:
+            self.offsets.append(self.offsets[-1] + s)
+        self.total = sum(self.sizes)
+
+    def read_at(self, pos: int, n: int) -> bytes:
+        out = bytearray()
+        while n > 0 and pos < self.total:
+            k = max(i for i, o in enumerate(self.offsets) if o <= pos)
+            with open(self.paths[k], "rb") as fh:
+                fh.seek(pos - self.offsets[k])
+                block = fh.read(min(n, self.sizes[k] - (pos - self.offsets[k])))
+            if not block:
+                break
+            out += block
+            pos += len(block)
+            n -= len(block)
+        return bytes(out)
+
+    def iter_range(self, pos: int, n: int, chunk: int = DEFAULT_CHUNK) -> Iterable[bytes]:
+        while n > 0:
+            block = self.read_at(pos, min(chunk, n))
+            if not block:
+                raise WeightsError("split zip: the archive ends early (a part is truncated)")
+            yield block
+            pos += len(block)
+            n -= len(block)
+
+
+def _u(b: bytes, off: int, size: int) -> int:
+    return int.from_bytes(b[off:off + size], "little")
+
+
+def split_zip_members(parts: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Members of a (split) zip: name, method, crc, compressed/uncompressed size and the
+    absolute offset of the local header in the concatenated parts (disk order)."""
+    seg = _Segments([Path(p) for p in parts])
+    last = len(seg.paths) - 1
+    tail_len = min(seg.sizes[last], 65557)
+    tail_pos = seg.offsets[last] + seg.sizes[last] - tail_len
+    tail = seg.read_at(tail_pos, tail_len)
+    at = tail.rfind(_ZIP_EOCD)
+    if at < 0:
+        raise WeightsError(f"{seg.paths[last].name} is not the last part of a zip archive "
+                           "(no end-of-central-directory record)")
+    eocd = tail[at:at + 22]
+    cd_disk, n_entries = _u(eocd, 6, 2), _u(eocd, 10, 2)
+    cd_size, cd_off = _u(eocd, 12, 4), _u(eocd, 16, 4)
+    if 0xFFFF in (cd_disk, n_entries) or 0xFFFFFFFF in (cd_size, cd_off):
+        loc = tail[at - 20:at]
+        if at < 20 or not loc.startswith(_ZIP64_LOCATOR):
+            raise WeightsError("split zip: ZIP64 fields without a ZIP64 locator")
+        z_disk, z_off = _u(loc, 4, 4), _u(loc, 8, 8)
+        if z_disk >= len(seg.paths):
+            raise WeightsError(f"split zip: the central directory is on part {z_disk + 1} but "
+                               f"only {len(seg.paths)} parts were given (all of them, in order?)")
+        rec = seg.read_at(seg.offsets[z_disk] + z_off, 56)
+        if not rec.startswith(_ZIP64_EOCD):
+            raise WeightsError("split zip: bad ZIP64 end-of-central-directory record")
+        cd_disk, n_entries = _u(rec, 20, 4), _u(rec, 32, 8)
+        cd_size, cd_off = _u(rec, 40, 8), _u(rec, 48, 8)
+    if cd_disk >= len(seg.paths):
+        raise WeightsError(f"split zip: the central directory is on part {cd_disk + 1} but only "
+                           f"{len(seg.paths)} parts were given (all of them, in order?)")
+    cd = seg.read_at(seg.offsets[cd_disk] + cd_off, cd_size)
+    members: list[dict[str, Any]] = []
+    pos = 0
+    for _ in range(n_entries):
+        if cd[pos:pos + 4] != _ZIP_CDH:
+            raise WeightsError("split zip: corrupt central directory (parts out of order?)")
+        flags, method, crc = _u(cd, pos + 8, 2), _u(cd, pos + 10, 2), _u(cd, pos + 16, 4)
+        csize, usize = _u(cd, pos + 20, 4), _u(cd, pos + 24, 4)
+        n, e, c = _u(cd, pos + 28, 2), _u(cd, pos + 30, 2), _u(cd, pos + 32, 2)
+        disk, off = _u(cd, pos + 34, 2), _u(cd, pos + 42, 4)
+        name = cd[pos + 46:pos + 46 + n].decode("utf-8" if flags & 0x800 else "cp437")
+        extra = cd[pos + 46 + n:pos + 46 + n + e]
+        x = 0
+        while x + 4 <= len(extra):  # ZIP64 extended information (0x0001)
+            tag, size = _u(extra, x, 2), _u(extra, x + 2, 2)
+            if tag == 1:
+                y = x + 4
+                if usize == 0xFFFFFFFF:
+                    usize, y = _u(extra, y, 8), y + 8
+                if csize == 0xFFFFFFFF:
+                    csize, y = _u(extra, y, 8), y + 8
+                if off == 0xFFFFFFFF:
+                    off, y = _u(extra, y, 8), y + 8
+                if disk == 0xFFFF:
+                    disk = _u(extra, y, 4)
+            x += 4 + size
+        if disk >= len(seg.paths):
+            raise WeightsError(f"split zip: {name} starts on part {disk + 1} of "
+                               f"{len(seg.paths)} given")
+        members.append({"name": name, "flags": flags, "method": method, "crc": crc,
+                        "compressed_size": csize, "size": usize,
+                        "offset": seg.offsets[disk] + off})
+        pos += 46 + n + e + c
+    return members
+
+
+def unpack_split_zip_iter(parts: Iterable[str | Path], dest_dir: str | Path,
+                          members: Iterable[str] | None = None,
+                          manager: WeightsManager | None = None,
+                          ) -> Generator[Progress, None, list[Path]]:
+    """Extract ``members`` (default: all files) of the split zip ``parts`` into ``dest_dir``.
+
+    Yields byte progress; checks free space first and every member's CRC-32; each member goes
+    to a temporary file and is moved into place only when complete (closing the generator
+    removes the temporary file). The sha256 is computed while writing and cached by
+    ``manager`` (so loading the model does not hash 50 GB again).
+    """
+    import zlib
+
+    parts = [Path(p) for p in parts]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise WeightsError(f"cannot unpack: missing parts {', '.join(missing)}")
+    seg = _Segments(parts)
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    entries = [m for m in split_zip_members(parts) if not m["name"].endswith("/")]
+    if members is not None:
+        wanted = list(members)
+        names = {m["name"].rsplit("/", 1)[-1]: m for m in entries}
+        absent = [w for w in wanted if w not in names]
+        if absent:
+            raise WeightsError(f"the archive has no {', '.join(absent)}; it holds "
+                               + _cut([m["name"] for m in entries]))
+        entries = [names[w] for w in wanted]
+    need = sum(m["size"] for m in entries)
+    free = shutil.disk_usage(dest_dir).free
+    if free < need:
+        raise WeightsError(f"not enough disk space in {dest_dir} to unpack {parts[-1].name}: "
+                           f"{human_size(need)} needed, {human_size(free)} free. Free some space "
+                           "or set $MEDFM_HOME to a larger disk.")
+    out_paths: list[Path] = []
+    done = 0
+    for m in entries:
+        if m["flags"] & 0x1:
+            raise WeightsError(f"{m['name']} is encrypted in the archive")
+        if m["method"] not in (0, 8):
+            raise WeightsError(f"{m['name']}: unsupported zip compression method {m['method']}")
+        lfh = seg.read_at(m["offset"], 30)
+        if not lfh.startswith(_ZIP_LFH):
+            raise WeightsError(f"split zip: no local header for {m['name']} (parts out of order?)")
+        start = m["offset"] + 30 + _u(lfh, 26, 2) + _u(lfh, 28, 2)
+        dest = dest_dir / m["name"].rsplit("/", 1)[-1]
+        tmp = dest.with_name(f".{dest.name}.unpack-{os.getpid()}.tmp")
+        inflate = zlib.decompressobj(-15) if m["method"] == 8 else None
+        crc, h, written = 0, hashlib.sha256(), 0
+        label = f"unpacking {dest.name}"
+        ok = False
+        try:
+            with open(tmp, "wb") as fh:
+                for block in seg.iter_range(start, m["compressed_size"]):
+                    data = inflate.decompress(block) if inflate is not None else block
+                    fh.write(data)
+                    crc = zlib.crc32(data, crc)
+                    h.update(data)
+                    written += len(data)
+                    yield Progress(done + written, need, label)
+                if inflate is not None:
+                    tail = inflate.flush()
+                    fh.write(tail)
+                    crc = zlib.crc32(tail, crc)
+                    h.update(tail)
+                    written += len(tail)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if written != m["size"] or crc != m["crc"]:
+                raise WeightsError(f"{m['name']} in {parts[-1].name} is corrupt (CRC-32/size "
+                                   "mismatch): delete the parts and fetch them again")
+            os.replace(tmp, dest)
+            ok = True
+        except OSError as exc:
+            if exc.errno == 28:  # ENOSPC
+                raise WeightsError(f"disk full while unpacking {dest.name} into {dest_dir}") from None
+            raise
+        finally:
+            if not ok:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+        if manager is not None:
+            manager._store_hash(dest, h.hexdigest())
+        done += written
+        out_paths.append(dest)
+        log.info("unpacked %s (%s)", dest, human_size(written))
+    return out_paths
+
+
+def unpack_split_zip(parts: Iterable[str | Path], dest_dir: str | Path,
+                     members: Iterable[str] | None = None,
+                     progress: Callable[[Progress], Any] | None = None,
+                     manager: WeightsManager | None = None) -> list[Path]:
+    """Blocking twin of :func:`unpack_split_zip_iter`."""
+    return drain(unpack_split_zip_iter(parts, dest_dir, members, manager), progress)
+
+
+def _archive(spec: ModelSpec) -> dict[str, Any]:
+    arch = spec.extras.get("archive")
+    if not arch or not arch.get("parts"):
+        raise WeightsError(f"{spec.id} is not released as a split archive")
+    return arch
+
+
+def fetch_archive_iter(spec_or_id: SpecLike, manager: WeightsManager | None = None, *,
+                       keep_parts: bool = True, retries: int = 3,
+                       ) -> Generator[Progress, None, list[Path]]:
+    """Download a split-zip release (resumable, verified) and unpack it into the model folder.
+
+    Nothing is downloaded when the unpacked files are already there. The free disk space is
+    checked up front for the parts still to download plus the unpacked files. With
+    ``keep_parts=False`` the parts are deleted after a successful unpack.
+    """
+    spec = _as_spec(spec_or_id)
+    mgr = manager or WeightsManager()
+    arch = _archive(spec)
+    parts = list(arch["parts"])
+    members = list(arch.get("members") or ()) or None
+    folder = mgr.model_dir(spec)
+    if members and all((folder / m).is_file() for m in members):
+        return [folder / m for m in members]
+    mgr.plan_fetch(spec, parts)  # offline mode / no repository: clear error before anything
+    folder.mkdir(parents=True, exist_ok=True)
+    by_name = {wf.filename: wf for wf in spec.files}
+    sizes = [by_name[p].size if p in by_name else None for p in parts]
+    have = sum((folder / p).stat().st_size if (folder / p).is_file() else _part_size(folder / p)
+               for p in parts)
+    total_dl = (sum(s for s in sizes if s is not None) if all(s is not None for s in sizes)
+                else int(arch.get("download_size_estimate") or 0))
+    unpacked = int(arch.get("unpacked_size_estimate") or 0)
+    need = max(total_dl - have, 0) + unpacked
+    free = shutil.disk_usage(folder).free
+    if need and free < need:
+        raise WeightsError(
+            f"not enough disk space in {folder} for {spec.id}: its release is a split zip of "
+            f"about {human_size(total_dl)} ({human_size(max(total_dl - have, 0))} still to "
+            f"download) that unpacks to about {human_size(unpacked)}: {human_size(need)} needed, "
+            f"{human_size(free)} free. Free some space or set $MEDFM_HOME to a larger disk (the "
+            "parts can be deleted after unpacking: --delete-parts).")
+    yield from mgr.fetch_iter(spec, parts, retries=retries)
+    paths = yield from unpack_split_zip_iter([folder / p for p in parts], folder, members, mgr)
+    if not keep_parts:
+        for p in parts:
+            with contextlib.suppress(OSError):
+                (folder / p).unlink()
+    return paths
+
+
+def fetch_archive(spec_or_id: SpecLike, manager: WeightsManager | None = None, *,
+                  keep_parts: bool = True, retries: int = 3,
+                  progress: Callable[[Progress], Any] | None = None) -> list[Path]:
+    """Blocking twin of :func:`fetch_archive_iter`."""
+    return drain(fetch_archive_iter(spec_or_id, manager, keep_parts=keep_parts, retries=retries),
+                 progress)
+
+
+__all__ += ["fetch_archive", "fetch_archive_iter", "split_zip_members", "unpack_split_zip",
+            "unpack_split_zip_iter"]

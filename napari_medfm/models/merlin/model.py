@@ -53,7 +53,8 @@ from .text import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MerlinModel", "MerlinCLIP", "build", "CONFIGS", "five_year_net"]
+__all__ = ["MerlinModel", "MerlinCLIP", "build", "CONFIGS", "five_year_net", "infer_configs",
+           "EXPORT_CONFIG"]
 
 #: Named network sizes: "full" is the released model; "tiny" has the same key layout (tests).
 CONFIGS: dict[str, tuple[MerlinImageConfig, MerlinTextConfig]] = {
@@ -62,6 +63,85 @@ CONFIGS: dict[str, tuple[MerlinImageConfig, MerlinTextConfig]] = {
 }
 
 _POSITION_IDS = "encode_text.text_encoder.embeddings.position_ids"
+
+#: Written by the trainer next to an exported checkpoint: ``{"image": {...}, "text": {...},
+#: "preprocess": {...}}`` (the parts the state dict cannot tell: attention heads/window,
+#: max length, and the preprocessing the model was trained with).
+EXPORT_CONFIG = "merlin_config.json"
+
+_TEXT = "encode_text.text_encoder."
+
+
+def _count(sd: Any, prefix: str) -> int:
+    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix)
+           and k[len(prefix):].split(".", 1)[0].isdigit()}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_configs(sd: Any, sidecar: dict[str, Any] | None = None
+                  ) -> tuple[MerlinImageConfig, MerlinTextConfig, PreprocessConfig]:
+    """Image/text tower shapes (and preprocessing) of a CLIP-layout checkpoint.
+
+    Block counts, widths, heads' sizes, vocabulary, hidden size, layers, positions and the
+    projection come from the tensor shapes; the attention heads/window and the preprocessing
+    from ``sidecar`` (:data:`EXPORT_CONFIG`) when present, else the released values. For the
+    released file this gives exactly :data:`FULL_CONFIG` / :data:`FULL_TEXT_CONFIG`.
+    """
+    sidecar = sidecar or {}
+    p = IMAGE_PREFIX
+    layers = tuple(_count(sd, f"{p}layer{i}.") for i in range(1, 5))
+    if not all(layers):
+        raise WeightsError("not a Merlin image tower: layer1..layer4 blocks are missing")
+    widths = tuple(int(sd[f"{p}layer{i}.0.conv1.weight"].shape[0]) for i in range(1, 5))
+    expansion = int(sd[f"{p}layer1.0.conv3.weight"].shape[0]) // widths[0]
+    cdim = int(sd[f"{p}contrastive_head.weight"].shape[0]) \
+        if f"{p}contrastive_head.weight" in sd else None
+    image = MerlinImageConfig(layers=layers, widths=widths, expansion=expansion,  # type: ignore[arg-type]
+                              n_phenotypes=int(sd[f"{p}classifier.weight"].shape[0]),
+                              contrastive_dim=cdim, in_channels=int(sd[f"{p}conv1.weight"].shape[1]))
+    side_text = dict(sidecar.get("text") or {})
+    text = FULL_TEXT_CONFIG
+    emb = sd.get(f"{_TEXT}embeddings.word_embeddings.weight")
+    if emb is not None:
+        hidden = int(emb.shape[1])
+        shapes = {
+            "vocab_size": int(emb.shape[0]),
+            "hidden_size": hidden,
+            "num_hidden_layers": _count(sd, f"{_TEXT}encoder.layer."),
+            "intermediate_size": int(sd[f"{_TEXT}encoder.layer.0.intermediate.dense.weight"].shape[0]),
+            "max_position_embeddings": int(sd[f"{_TEXT}embeddings.position_embeddings.weight"].shape[0]),
+            "type_vocab_size": int(sd[f"{_TEXT}embeddings.token_type_embeddings.weight"].shape[0]),
+            "proj_dim": int(sd["encode_text.linear_layer.weight"].shape[0]),
+        }
+        if hidden != FULL_TEXT_CONFIG.hidden_size and "num_attention_heads" not in side_text:
+            shapes["num_attention_heads"] = max(1, hidden // 64)
+        known = {f.name for f in dataclasses.fields(MerlinTextConfig)}
+        text = dataclasses.replace(FULL_TEXT_CONFIG, **shapes,
+                                   **{k: v for k, v in side_text.items() if k in known
+                                      and k not in shapes})
+    pre = DEFAULT_PREPROCESS
+    if sidecar.get("preprocess"):
+        known = {f.name for f in dataclasses.fields(PreprocessConfig)}
+        vals = {k: (tuple(v) if isinstance(v, list) else v)
+                for k, v in sidecar["preprocess"].items() if k in known}
+        pre = dataclasses.replace(DEFAULT_PREPROCESS, **vals)
+    return image, text, pre
+
+
+def _read_sidecar(path: Path) -> dict[str, Any] | None:
+    import json
+
+    side = path.parent / EXPORT_CONFIG
+    if not side.is_file():
+        return None
+    try:
+        doc = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read {side}: {exc}") from None
+    want = doc.get("weights")
+    if want and want != path.name:  # the sidecar describes another file in that folder
+        return None
+    return doc
 
 
 class _Namespace(nn.Module):
@@ -127,7 +207,8 @@ class MerlinModel:
                  device: torch.device, precision: str = "auto", *, config_name: str = "full",
                  text: bool | None = None, tokenizer_dir: str | Path | None = None,
                  five_year_path: Path | None = None, fast: bool = True,
-                 preprocess_config: PreprocessConfig = DEFAULT_PREPROCESS) -> None:
+                 preprocess_config: PreprocessConfig = DEFAULT_PREPROCESS,
+                 configs: tuple[MerlinImageConfig, MerlinTextConfig] | None = None) -> None:
         from ...runtime.device import precision_dtype
 
         self.spec = spec
@@ -135,7 +216,7 @@ class MerlinModel:
         self.precision = precision
         self.dtype = precision_dtype(device, precision)
         self.config_name = config_name
-        self.image_config, self.text_config = CONFIGS[config_name]
+        self.image_config, self.text_config = configs or CONFIGS[config_name]
         self.weights_path = Path(weights_path)
         self.preprocess_config = preprocess_config
         image_net = image_net.eval().to(device)
@@ -445,20 +526,23 @@ def _resolve(spec: ModelSpec, explicit: Any, filename: str) -> Path:
 
 def build(spec: ModelSpec, weights: Any = None, device: Any = None, *, precision: str = "auto",
           tokenizer: str | Path | None = None, five_year: Any = None, text: bool | None = None,
-          config: str = "full", fast: bool = True) -> MerlinModel:
+          config: str = "auto", fast: bool = True) -> MerlinModel:
     """Build Merlin and load its weights strictly.
 
     ``weights``: the CLIP checkpoint (file, or a folder laid out like ``stanfordmimi/Merlin``);
     default: ``$MEDFM_HOME/weights/merlin/``. ``text``: None = build the text tower when first
     needed, True = now, False = never (image-only). ``five_year``: the 5-year checkpoint (path,
     or True to take it from the weights folder); when None it is used if it lies next to the
-    CLIP checkpoint. ``config``: "full" (released) or "tiny" (tests).
+    CLIP checkpoint. ``config``: "auto" (default: the tower shapes read from the checkpoint
+    itself, plus ``merlin_config.json`` beside it when a trainer exported it - see
+    :func:`infer_configs`), or "full" (released) / "tiny" (tests) to force one.
     """
     from ...runtime.device import pick_device
     from ...runtime.safe_load import extract_prefix, load_state_dict, load_strict
 
-    if config not in CONFIGS:
-        raise MedfmError(f"unknown Merlin config {config!r}: use one of {', '.join(CONFIGS)}")
+    if config != "auto" and config not in CONFIGS:
+        raise MedfmError(f"unknown Merlin config {config!r}: use auto or one of "
+                         f"{', '.join(CONFIGS)}")
     t0 = time.perf_counter()
     dev = pick_device(device)
     path = _resolve(spec, weights, CLIP_CHECKPOINT)
@@ -471,7 +555,13 @@ def build(spec: ModelSpec, weights: Any = None, device: Any = None, *, precision
                     f"and give the CLIP checkpoint {CLIP_CHECKPOINT} as the weights.")
         raise WeightsError(f"{path.name} is not a Merlin CLIP checkpoint (no "
                            f"{IMAGE_PREFIX}* keys).{hint}")
-    image_cfg, _ = CONFIGS[config]
+    pre_cfg = DEFAULT_PREPROCESS
+    if config == "auto":
+        image_cfg, text_cfg, pre_cfg = infer_configs(sd, _read_sidecar(path))
+        config_name = "auto"
+    else:
+        image_cfg, text_cfg = CONFIGS[config]
+        config_name = config
     net = _empty_image_net(image_cfg)
     load_strict(net, extract_prefix(sd, IMAGE_PREFIX), what=path.name)
     del sd
@@ -484,8 +574,9 @@ def build(spec: ModelSpec, weights: Any = None, device: Any = None, *, precision
             raise WeightsError(f"5-year checkpoint {fy} does not exist")
     elif (path.parent / FIVE_YEAR_CHECKPOINT).is_file():
         fy = path.parent / FIVE_YEAR_CHECKPOINT
-    model = MerlinModel(spec, net, path, dev, precision, config_name=config, text=text,
-                        tokenizer_dir=tokenizer, five_year_path=fy, fast=fast)
+    model = MerlinModel(spec, net, path, dev, precision, config_name=config_name, text=text,
+                        tokenizer_dir=tokenizer, five_year_path=fy, fast=fast,
+                        preprocess_config=pre_cfg, configs=(image_cfg, text_cfg))
     log.info("Merlin loaded from %s on %s in %.1f s", path.name, dev, time.perf_counter() - t0)
     warn = model.memory_warning()
     if warn:

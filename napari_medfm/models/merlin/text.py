@@ -60,6 +60,7 @@ class MerlinTextConfig:
     eos_token_id: int = 2
     proj_dim: int = 512
     max_length: int = MAX_LENGTH
+    dropout: float = 0.1  # hidden and attention dropout (training only)
 
     def longformer_config(self) -> Any:
         from transformers import LongformerConfig
@@ -79,8 +80,8 @@ class MerlinTextConfig:
             eos_token_id=self.eos_token_id,
             sep_token_id=self.eos_token_id,
             hidden_act="gelu",
-            hidden_dropout_prob=0.1,
-            attention_probs_dropout_prob=0.1,
+            hidden_dropout_prob=self.dropout,
+            attention_probs_dropout_prob=self.dropout,
         )
 
     def to_dict(self) -> dict[str, Any]:
