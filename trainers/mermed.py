@@ -288,7 +288,7 @@ class Trainer:
             loss_v = self._mean(loss.detach())
             if self.rank == 0:
                 dt = time.perf_counter() - t0
-                row = {"step": step, "loss": loss_v, **sch, "memory_full": self.bank.full,
+                row = {"step": step, "loss": loss_v, **sch, "masking": valid is not None,
                        "samples_per_s": (self.step - n0) * self.global_batch / max(dt, 1e-9)}
                 with open(self.metrics_path, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(row) + "\n")

@@ -221,7 +221,7 @@ def mermed_loss_reference(student: Sequence[torch.Tensor], teacher: Sequence[tor
                         continue
                     a = torch.stack([zs[b].double() @ q[k] for k in slots]) / tau_s
                     c = torch.stack([zt[b].double() @ q[k] for k in slots]) / tau_t
-                    acc += float(-(torch.softmax(c, 0) * torch.log_softmax(a, 0)).sum())
+                    acc += float(-(torch.softmax(c, 0) * torch.log_softmax(a, 0)).sum().detach())
             total += acc / rows
             n += 1
     return total / n
