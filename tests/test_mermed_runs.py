@@ -52,8 +52,8 @@ def manifest(tmp_path_factory) -> Path:
 
 
 def _cmd(manifest: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "trainers.mermed", "--data", str(manifest), "--out", str(out),
-            *BASE, *extra]
+    return [sys.executable, "-m", "napari_medfm.cli", "train", "mermed", "--data", str(manifest),
+            "--out", str(out), *BASE, *extra]
 
 
 def _run(manifest, out, *extra, timeout=240):
@@ -91,7 +91,10 @@ def _state(out: Path, step: int) -> dict:
 
 
 def _metrics(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    from trainers.engine.metrics import read_metrics
+
+    return [{k: (float(v) if k != "step" else int(v)) for k, v in r.items()}
+            for r in read_metrics(out / "metrics.csv")]
 
 
 def _assert_tree_equal(a, b, path=""):
@@ -103,7 +106,7 @@ def _assert_tree_equal(a, b, path=""):
             _assert_tree_equal(a[k], b[k], f"{path}/{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _assert_tree_equal(x, y, f"{path}[{i}]")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
@@ -141,8 +144,8 @@ def test_sigkill_then_resume_equals_uninterrupted(manifest, reference, tmp_path)
     _run(manifest, out, "--max-steps", "8", "--drop-path", "0.1", "--resume")
     _assert_tree_equal(_state(reference, 8), _state(out, 8))
     a, b = _metrics(reference), _metrics(out)
-    assert [r["step"] for r in b] == list(range(8))
-    for ra, rb in zip(a, b):
+    assert [r["step"] for r in b] == list(range(1, 9))  # steps done
+    for ra, rb in zip(a, b, strict=True):
         assert ra["loss"] == rb["loss"] and ra["lr"] == rb["lr"]
     t_ref = torch.load(reference / "export" / "MerMED.pth", weights_only=True)["teacher"]
     t_out = torch.load(out / "export" / "MerMED.pth", weights_only=True)["teacher"]
@@ -155,7 +158,7 @@ def test_schedules_in_the_run_follow_the_formulas(reference):
     spe, total = 3, 12
     base = 5e-4 * 4 / 256
     for r in rows:
-        s = r["step"]
+        s = r["step"] - 1  # the schedules of the step that was just done
         assert r["lr"] == pytest.approx(core.lr_at(s, base=base, final=1e-6, warmup=spe,
                                                    total=total))
         assert r["wd"] == pytest.approx(0.4 + (0.04 - 0.4) * 0.5 * (1 + np.cos(np.pi * s / total)))
@@ -163,7 +166,7 @@ def test_schedules_in_the_run_follow_the_formulas(reference):
         assert r["tau_t"] == pytest.approx(0.04 + 0.03 * min(s, spe) / spe)
         assert np.isfinite(r["loss"])
     # memory: 16 slots, 4 pushed per step -> full after 4 steps: masking on from step 4
-    assert [r["masking"] for r in rows] == [False] * 4 + [True] * 4
+    assert [r["masking"] for r in rows] == [0] * 4 + [1] * 4
     st = _state(reference, 8)
     assert int(st["memory"]["ptr"]) == 0 and (st["memory"]["labels"] >= 0).all()
     assert st["sampler"]["step"] == 8
@@ -175,7 +178,7 @@ def test_two_processes_equal_one(manifest, tmp_path):
     _run_world(manifest, two, 2, "--max-steps", "5", "--batch-size", "2")
     a, b = _metrics(one), _metrics(two)
     assert len(a) == len(b) == 5
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-6)
     sa, sb = _state(one, 5), _state(two, 5)
     # Parameters whose true gradient is 0 (biases right before a batch norm, the final norm's

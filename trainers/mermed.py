@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 8 -m trainers.mermed --data MANIFEST.csv --out DIR --preset release
 
 Manifest columns ``image``, ``modality``. Writes ``DIR/checkpoints/step-N/`` (complete folders only:
-written under a temporary name and renamed; the newest ``--keep`` are kept), ``DIR/metrics.jsonl``
+written under a temporary name and renamed; the newest ``--keep`` are kept), ``DIR/metrics.csv`` (the engine's metrics logger; ``step`` = steps done)
 and, at the end, ``DIR/export/MerMED.pth`` (the teacher under ``teacher`` -> ``module.backbone.*`` /
 ``module.head.*`` as in the release, plain tensors, ``torch.load(weights_only=True)`` works),
 ``DIR/export/MerMED.safetensors`` (same tensors + ViT config in the metadata) and
@@ -188,8 +188,9 @@ class Trainer:
                                                rank=self.rank, world_size=self.world,
                                                seed=args.seed)
         torch.manual_seed(args.seed)  # same initial weights on every rank
+        bn = None if not self.distributed else ("sync" if want_cuda else "allreduce")
         student, teacher = build_nets(preset, drop_path=float(preset["drop_path"]), init=args.init,
-                                      sync_bn=want_cuda and self.distributed)
+                                      global_bn=bn)
         self.depth = int(preset["vit"]["depth"])
         self.student = student.to(self.device)
         self.teacher = teacher.to(self.device)
@@ -210,9 +211,11 @@ class Trainer:
         torch.manual_seed(args.seed * 1000 + self.rank + 1)  # per-rank stream (drop path)
         if args.resume:
             self._load_latest()
-        self.metrics_path = self.out / "metrics.jsonl"
-        if self.rank == 0:
-            self._trim_metrics()
+        from .engine.metrics import MetricsLogger
+
+        self.metrics = MetricsLogger(self.out, self.rank == 0, False,
+                                     self.step if args.resume else None)
+        self.last: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ schedules
     def schedules(self, step: int) -> dict[str, float]:
@@ -286,15 +289,13 @@ class Trainer:
             self.bank.push(self._gather(t_out[1].detach().float()), self._gather(labels))
             self.step = step + 1
             loss_v = self._mean(loss.detach())
-            if self.rank == 0:
-                dt = time.perf_counter() - t0
-                row = {"step": step, "loss": loss_v, **sch, "masking": valid is not None,
-                       "samples_per_s": (self.step - n0) * self.global_batch / max(dt, 1e-9)}
-                with open(self.metrics_path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                if step % 10 == 0 or self.step == self.max_steps:
-                    log.info("step %d/%d loss %.4f lr %.2e", self.step, self.total, loss_v,
-                             sch["lr"])
+            dt = time.perf_counter() - t0
+            self.last = {"loss": loss_v}
+            self.metrics.log(self.step, {"loss": loss_v, **sch, "masking": int(valid is not None),
+                                         "samples_per_s": (self.step - n0) * self.global_batch
+                                         / max(dt, 1e-9)})
+            if self.rank == 0 and (step % 10 == 0 or self.step == self.max_steps):
+                log.info("step %d/%d loss %.4f lr %.2e", self.step, self.total, loss_v, sch["lr"])
             if self.step % self.args.save_every == 0 or self.step == self.max_steps:
                 self._save()
         self._export()
@@ -388,47 +389,32 @@ class Trainer:
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
         log.info("resumed from %s (step %d)", d, self.step)
 
-    def _trim_metrics(self) -> None:
-        """Drop metric rows of steps not covered by the checkpoint we resumed from."""
-        if not self.metrics_path.is_file():
-            return
-        keep = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["step"] < self.step:
-                    keep.append(line)
-            except (ValueError, KeyError):
-                continue
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-        os.replace(tmp, self.metrics_path)
-
     # ------------------------------------------------------------------ export
     def _export(self) -> None:
         if self.rank == 0:
             export_release_layout(self.teacher, self.out / "export", preset_name=self.args.preset,
                                   preset=self.preset, step=self.step, total=self.total,
                                   data=self.args.data, counts=self.counts, world=self.world,
-                                  global_batch=self.global_batch,
-                                  metrics_path=self.out / "metrics.jsonl")
+                                  global_batch=self.global_batch, last=self.last)
         self._barrier()
 
     def close(self) -> None:
         import torch.distributed as dist
 
+        if hasattr(self, "metrics"):
+            self.metrics.close()
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def export_release_layout(teacher: Any, folder: Path, *, preset_name: str, preset: dict[str, Any],
                           step: int, total: int, data: str, counts: dict[str, int], world: int,
-                          global_batch: int, metrics_path: Path | None = None) -> dict[str, Path]:
+                          global_batch: int, last: dict[str, Any] | None = None) -> dict[str, Path]:
     """``MerMED.pth`` (release layout, plain tensors) + ``MerMED.safetensors`` + ``model_card.json``."""
     import torch
     from safetensors.torch import save_file
 
     from napari_medfm.io.writers import atomic_write
-    from napari_medfm.runtime.weights import sha256_file
 
     folder.mkdir(parents=True, exist_ok=True)
     sd = teacher.state_dict()
@@ -448,27 +434,24 @@ def export_release_layout(teacher: Any, folder: Path, *, preset_name: str, prese
     meta = {"format": "pt", "medfm_model": "mermed", "vit_config": json.dumps(vit_cfg),
             "checkpoint_key": "teacher", "step": str(step)}
     atomic_write(st, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    last = None
-    if metrics_path is not None and metrics_path.is_file():
-        lines = metrics_path.read_text(encoding="utf-8").splitlines()
-        last = json.loads(lines[-1]) if lines else None
-    card = {
-        "model": "mermed",
-        "format": "MerMED-FM release layout: teacher -> module.backbone.* (timm ViT) + module.head.*",
-        "load": "medfm embed --model mermed --weights MerMED.pth (or MerMED.safetensors)",
-        "vit_config": vit_cfg,
-        "preset": preset_name,
-        "recipe": {k: v for k, v in preset.items() if k != "vit"} | COMMON,
-        "steps": step, "total_steps": total, "world_size": world, "global_batch": global_batch,
-        "data": {"manifest": Path(data).name, "images_per_modality": counts},
-        "last_metrics": last,
-        "files": {"MerMED.pth": sha256_file(pth), "MerMED.safetensors": sha256_file(st)},
-        "licence_note": "weights you trained; the MerMED-FM method is from Zhou et al., "
-                        "arXiv:2507.00185 (reimplemented from the paper's equations)",
-    }
+    from .engine.export import write_model_card
+    from .engine.manifest import manifest_sha256
+
     card_path = folder / "model_card.json"
-    atomic_write(card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=1) + "\n",
-                                                       encoding="utf-8"))
+    write_model_card(
+        card_path, recipe="mermed", manifest_sha256=manifest_sha256(data), steps=step,
+        final_losses=last or {}, files={"teacher": pth.name, "teacher_safetensors": st.name},
+        config={"preset": preset_name, **{k: v for k, v in preset.items() if k != "vit"},
+                **COMMON, "total_steps": total, "world_size": world,
+                "global_batch": global_batch},
+        extra={"model": "mermed",
+               "format": "MerMED-FM release layout: teacher -> module.backbone.* (timm ViT) "
+                         "+ module.head.* (projection head)",
+               "load": "medfm embed --model mermed --weights MerMED.pth (or MerMED.safetensors)",
+               "vit_config": vit_cfg,
+               "data": {"manifest": Path(data).name, "images_per_modality": counts},
+               "licence_note": "weights you trained; the MerMED-FM method is from Zhou et al., "
+                               "arXiv:2507.00185 (reimplemented from the paper's equations)"})
     return {"pth": pth, "safetensors": st, "card": card_path}
 
 

@@ -74,16 +74,32 @@ def read_manifest(path: str | Path, *, required: tuple[str, ...] = ("image", "mo
     return rows, base
 
 
+def check_row(row: Any) -> list[str]:
+    """Problems of one MerMED manifest row (cheap: existence, reader sniffing, modality name)."""
+    from napari_medfm import io
+
+    problems = []
+    if encoder2d.canonical_modality(row["modality"]) is None:
+        problems.append(f"unknown modality {row['modality']!r} (known: "
+                        f"{', '.join(encoder2d.MODALITY_NORMS)})")
+    p = row.path("image")
+    if not row["image"]:
+        problems.append("empty image path")
+    elif not p.exists():
+        problems.append(f"file not found: {p}")
+    elif not io.can_read(p):
+        problems.append(f"not an image the plugin reads: {p.name}")
+    return problems
+
+
 def mermed_samples(path: str | Path) -> list[Sample]:
-    rows, _ = read_manifest(path)
-    out = []
-    for i, r in enumerate(rows):
-        mod = encoder2d.canonical_modality(r["modality"])
-        if mod is None:
-            raise MedfmError(f"{Path(path).name}: row {i + 2}: unknown modality {r['modality']!r} "
-                             f"(known: {', '.join(encoder2d.MODALITY_NORMS)})")
-        out.append(Sample(r["image"], mod))
-    return out
+    """The manifest's training rows (split train/empty), validated by the engine's manifest
+    checker: every bad row is reported at once, before anything is written."""
+    from .engine.manifest import validate_manifest
+
+    rows = validate_manifest(path, ("image", "modality"), ("split",), check_row=check_row)
+    return [Sample(str(r.path("image")), encoder2d.canonical_modality(r["modality"]))
+            for r in rows]
 
 
 def load_unit_rgb(path: str, modality: str, size: int) -> torch.Tensor:

@@ -2,9 +2,10 @@
 
 The backbone is the plugin's own ViT (:func:`napari_medfm.models.mermed.model.build_vit`, timm
 ``VisionTransformer``, CLS pooling), so an export loads into the plugin unchanged. The head is
-Linear-BN-GELU-Linear-BN-GELU-Linear, output L2-normalised. Its batch norms use statistics of the
-*global* batch: :class:`torch.nn.SyncBatchNorm` on CUDA, :class:`AllReduceBatchNorm1d` (sums
-all-reduced with autograd) where SyncBatchNorm cannot run (CPU / gloo). Single process: plain BN.
+Linear-BN-GELU-Linear-BN-GELU-Linear, output L2-normalised. In a distributed run its batch norms
+use statistics of the *global* batch: :class:`torch.nn.SyncBatchNorm` on CUDA, the engine's
+:class:`~trainers.engine.GlobalBatchNorm` (sums all-reduced with autograd) where SyncBatchNorm cannot
+run (CPU / gloo). Single process: plain BN. The state-dict keys are those of ``nn.BatchNorm1d``.
 """
 
 from __future__ import annotations
@@ -13,44 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from napari_medfm.models.mermed.model import build_vit, read_backbone
-
-
-class AllReduceBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose batch statistics are all-reduced over the default process group.
-
-    Forward and backward are exact for the global batch (``torch.distributed.nn`` all-reduce
-    carries the gradient), so 2 processes give the same result as 1 with the same global batch.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        xf = x.float()
-        n = torch.tensor([float(x.shape[0])], device=x.device)
-        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), n])
-        stats = all_reduce(stats)
-        c = x.shape[1]
-        count = stats[-1]
-        mean = stats[:c] / count
-        var = (stats[c:2 * c] / count - mean * mean).clamp_min(0)
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            mom = self.momentum if self.momentum is not None else 0.1
-            unbiased = var.detach() * count / (count - 1).clamp_min(1)
-            self.running_mean.mul_(1 - mom).add_(mean.detach(), alpha=mom)
-            self.running_var.mul_(1 - mom).add_(unbiased, alpha=mom)
-        y = (xf - mean) / torch.sqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight + self.bias
-        return y.to(x.dtype)
 
 
 class ProjectionHead(nn.Module):
@@ -59,8 +26,8 @@ class ProjectionHead(nn.Module):
     def __init__(self, in_dim: int, hidden: int = 2048, out_dim: int = 256):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden), AllReduceBatchNorm1d(hidden), nn.GELU(),
-            nn.Linear(hidden, hidden), AllReduceBatchNorm1d(hidden), nn.GELU(),
+            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
             nn.Linear(hidden, out_dim),
         )
         for m in self.modules():
@@ -103,7 +70,7 @@ def vit_config(preset: dict[str, Any], *, drop_path: float) -> dict[str, Any]:
 
 
 def build_nets(preset: dict[str, Any], *, drop_path: float, init: str | None = None,
-               sync_bn: bool = False) -> tuple[MerMEDNet, MerMEDNet]:
+               global_bn: str | None = None) -> tuple[MerMEDNet, MerMEDNet]:
     """(student, teacher): teacher = copy of the student (no drop path), no gradients."""
     student_vit = build_vit(vit_config(preset, drop_path=drop_path))
     teacher_vit = build_vit(vit_config(preset, drop_path=0.0))
@@ -117,9 +84,14 @@ def build_nets(preset: dict[str, Any], *, drop_path: float, init: str | None = N
     teacher.load_state_dict(student.state_dict(), strict=True)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    if sync_bn:
+    if global_bn == "sync":  # CUDA / NCCL
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    elif global_bn == "allreduce":  # CPU / gloo, where SyncBatchNorm cannot run
+        from .engine import convert_batchnorm
+
+        student = convert_batchnorm(student)
+        teacher = convert_batchnorm(teacher)
     teacher.train()  # batch statistics in the teacher's head, as in the release
     return student, teacher
 
