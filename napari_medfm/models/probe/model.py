@@ -158,7 +158,7 @@ class ProbeModel:
 
     @property
     def model_id(self) -> str:
-        return self.spec.id
+        return getattr(self.spec, "id", "probe")
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.model_id, "weights": self.meta.get("_folder"),
