@@ -263,8 +263,8 @@ class Trainer:
         torch.set_rng_state(rng)  # creating the loader iterator draws from the RNG
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
             else torch.autocast("cpu", enabled=False)
-        t0, n0 = time.perf_counter(), self.step
         while self.step < self.max_steps:
+            t0 = time.perf_counter()
             step = self.step
             views, labels = next(loader)
             views = [v.to(self.device, non_blocking=True) for v in views]
@@ -292,8 +292,8 @@ class Trainer:
             dt = time.perf_counter() - t0
             self.last = {"loss": loss_v}
             self.metrics.log(self.step, {"loss": loss_v, **sch, "masking": int(valid is not None),
-                                         "samples_per_s": (self.step - n0) * self.global_batch
-                                         / max(dt, 1e-9)})
+                                         "samples_per_s": self.global_batch / max(dt, 1e-9),
+                                         "time_s": dt})
             if self.rank == 0 and (step % 10 == 0 or self.step == self.max_steps):
                 log.info("step %d/%d loss %.4f lr %.2e", self.step, self.total, loss_v, sch["lr"])
             if self.step % self.args.save_every == 0 or self.step == self.max_steps:
