@@ -334,6 +334,8 @@ def findings_files_task(model: Any, inputs: Sequence[str | Path], *, modality: s
     for k, inp in enumerate(inputs):
         yield Progress(k, len(inputs), Path(inp).name)
         image = _read_image(str(inp), modality)
-        results.append({"input": str(inp), "findings": model.findings(image, prompts=prompts)})
+        kw = {"modality": modality} if modality else {}
+        results.append({"input": str(inp), "findings": model.findings(image, prompts=prompts,
+                                                                      **kw)})
     yield Progress(len(inputs), len(inputs), "done")
     return results

@@ -167,15 +167,18 @@ class ProbeModel:
                 "normalisation": self.meta.get("normalisation"),
                 "metrics": self.meta.get("metrics"), "head": self.meta.get("head")}
 
-    def _modality_for(self, image: Any) -> str | None:
+    def _modality_for(self, image: Any, modality: str | None = None) -> str | None:
+        """Explicit ``modality`` > the image's own (DICOM header / reader) > the probe's."""
         from .. import encoder2d
 
+        if modality:
+            return encoder2d.canonical_modality(modality) or modality
         own = encoder2d.canonical_modality(getattr(image, "modality", None))
         return own or self.modality
 
-    def features(self, images: list[Any]) -> np.ndarray:
+    def features(self, images: list[Any], modality: str | None = None) -> np.ndarray:
         """Encoder features ``(N, D)`` (not standardised)."""
-        mods = [self._modality_for(im) for im in images]
+        mods = [self._modality_for(im, modality) for im in images]
         if hasattr(self.encoder, "embed_batch"):
             return np.asarray(self.encoder.embed_batch(images, modality=mods), np.float32)
         return np.stack([self.encoder.embed(im, modality=m)["image_embedding"]
@@ -189,10 +192,13 @@ class ProbeModel:
             logits = self.head(torch.from_numpy(x))
         return torch.sigmoid(logits).numpy().astype(np.float64)
 
-    def findings(self, image: Any, *, prompts: Any = None) -> list[dict[str, Any]]:
+    def findings(self, image: Any, *, prompts: Any = None,
+                 modality: str | None = None) -> list[dict[str, Any]]:
         """``[{"finding", "probability", "auroc", "modality"}]``, most probable first.
 
-        ``prompts``: None (every label) or an iterable of label names to keep.
+        ``prompts``: None (every label) or an iterable of label names to keep. ``modality``:
+        the image's modality when it does not say (a plain PNG); default: the image's own,
+        else the probe's training modality.
         """
         keep = None if prompts is None else {str(p) for p in prompts}
         if keep is not None:
@@ -200,8 +206,8 @@ class ProbeModel:
             if unknown:
                 raise ValueError(f"probe has no label(s) {sorted(unknown)}; labels: "
                                  f"{', '.join(self.label_names)}")
-        prob = self.probabilities(self.features([image]))[0]
-        mod = self._modality_for(image)
+        prob = self.probabilities(self.features([image], modality))[0]
+        mod = self._modality_for(image, modality)
         rows = [{"finding": n, "probability": float(p), "auroc": self._auroc.get(n),
                  "modality": mod}
                 for n, p in zip(self.label_names, prob, strict=True)
