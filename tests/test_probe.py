@@ -147,19 +147,24 @@ def test_probe_file_round_trip_findings_and_encoder_hash_check(tmp_path):
 REAL_LABELS = ("cxr/labels.csv", "fundus/labels.csv", "pathology/labels.csv")
 
 
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
 def weak_label_manifest(real: Path, out: Path) -> Path:
     """Manifest from the corpus's weak labels: ``abnormal`` for CXR/fundus, ``tumor`` for
     pathology patches (empty = unknown, e.g. heuristic or stain-only labels)."""
     rows = []
-    for r in csv.DictReader(open(real / "cxr/labels.csv", encoding="utf-8")):
+    for r in _csv_rows(real / "cxr/labels.csv"):
         lab = r["label"].lower()
         ab = "" if not lab else ("0" if ("healthy" in lab or lab.startswith("no ")) else "1")
         rows.append([str(real / "cxr" / r["file"]), "CXR", ab, ""])
-    for r in csv.DictReader(open(real / "fundus/labels.csv", encoding="utf-8")):
+    for r in _csv_rows(real / "fundus/labels.csv"):
         lab = r["label"].lower()
         rows.append([str(real / "fundus" / r["file"]), "fundus",
                      "0" if ("healthy" in lab or "normal" in lab) else "1", ""])
-    for r in csv.DictReader(open(real / "pathology/labels.csv", encoding="utf-8")):
+    for r in _csv_rows(real / "pathology/labels.csv"):
         if r["file"].startswith("wsi/"):
             continue  # whole slides: the dock runs probes on regions; keep the fixture small
         t = "1" if r["label"] in ("CHOL", "COAD") else ("0" if r["label"] in ("NORM", "no tissue")
@@ -253,3 +258,32 @@ def test_probe_refuses_other_encoder_weights_and_reuses_feature_cache(trained_pr
     assert events[0].message == f"{events[0].total} cached" and events[0].step == events[0].total
     assert meta["head"] == "mlp" and meta["training"]["shots"] == 2
     assert pm.is_probe_dir(root / "probe_mlp")
+
+
+def test_probe_on_rad_dino_hub_folder(tmp_path):
+    """Any registered 2D encoder works: a tiny random RAD-DINO hub folder, synthetic images."""
+    from PIL import Image
+    from test_dinov2 import make_hub_folder
+
+    from napari_medfm import io
+    from napari_medfm.progress import drain
+    from napari_medfm.runtime.cache import get_model
+
+    hub = make_hub_folder(tmp_path / "rad-dino")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(10):
+        bright = i % 2
+        arr = rng.integers(0, 100, (70, 80)) + 120 * bright
+        Image.fromarray(arr.astype(np.uint8)).save(tmp_path / f"x{i}.png")
+        rows.append([f"x{i}.png", "CXR", str(bright)])
+    m = _write_csv(tmp_path / "m.csv", ["image", "modality", "bright"], rows)
+    enc = get_model("rad-dino", weights=str(hub))
+    meta = drain(tp.train_probe_task(enc, m, tmp_path / "probe", epochs=200, lr=1e-2))
+    assert meta["encoder"]["id"] == "rad-dino" and meta["encoder"]["embedding_dim"] == 32
+    assert meta["normalisation"]["image"]["processor_mean"] == [0.53] * 3
+    assert meta["metrics"]["auroc"]["bright"] is not None
+    probe = get_model("probe", weights=str(tmp_path / "probe"))
+    hi = probe.findings(io.read(tmp_path / "x1.png")[0], modality="CXR")[0]["probability"]
+    lo = probe.findings(io.read(tmp_path / "x0.png")[0], modality="CXR")[0]["probability"]
+    assert hi > lo

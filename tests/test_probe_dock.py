@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import real_path
 from test_probe import trained_probe  # noqa: F401  (module fixture: the real weak-label probe)
 
