@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--images", type=int, default=16, help="per modality")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per process (1: one core per process, no oversubscription)")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-probe", action="store_true")
     args = ap.parse_args(argv)
@@ -110,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
             m = _manifest(d, args.images)
-            one = _train(m, d / "one", 1, 8, args.steps, threads=2)
-            two = _train(m, d / "two", 2, 4, args.steps, threads=1)
-        print(f"tiny preset, global batch 8, {args.steps} steps: 1 process (2 threads) "
-              f"{one:.1f} samples/s; 2 gloo processes (1 thread each) {two:.1f} samples/s; "
+            one = _train(m, d / "one", 1, 8, args.steps, threads=args.threads)
+            two = _train(m, d / "two", 2, 4, args.steps, threads=args.threads)
+        print(f"tiny preset, global batch 8, {args.steps} steps, {args.threads} thread(s) per "
+              f"process: 1 process {one:.1f} samples/s; 2 gloo processes {two:.1f} samples/s; "
               f"ratio {two / one:.2f}x")
     if not args.skip_probe:
         r = _probe()

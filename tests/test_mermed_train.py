@@ -290,3 +290,34 @@ def test_sampler_epoch_streams_cover_each_modality_before_repeating():
     cxr = [i for i in drawn if mods[i] == "CXR"]
     assert len(set(cxr)) == 4
     np.testing.assert_array_equal(sorted(set(cxr)), sorted(cxr))
+
+
+def test_init_from_pretrained_file_or_hub_folder_with_pos_embed_resampling(tmp_path):
+    from safetensors.torch import save_file
+
+    from napari_medfm.errors import WeightsError
+    from napari_medfm.models.mermed.model import build_vit
+
+    vit = {"img_size": 32, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 1,
+           "mlp_ratio": 1.0, "qkv_bias": True}
+    torch.manual_seed(5)
+    src = build_vit(vit)
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    sd["head.weight"] = torch.zeros(10, 64)  # a classifier head in the file is ignored
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file(sd, str(hub / "model.safetensors"))
+    preset = {"vit": dict(vit, img_size=64), "head_hidden": 16, "head_out": 8}  # 4x4 grid
+    student, teacher = build_nets(preset, drop_path=0.0, init=str(hub))
+    got = student.backbone.state_dict()
+    assert torch.equal(got["blocks.1.attn.qkv.weight"], sd["blocks.1.attn.qkv.weight"])
+    assert got["pos_embed"].shape == (1, 17, 64)  # resampled from 2x2 to 4x4 (+ CLS)
+    assert torch.equal(got["pos_embed"][:, 0], sd["pos_embed"][:, 0])
+    assert torch.equal(teacher.backbone.state_dict()["cls_token"], sd["cls_token"])
+    torch.save({"teacher": {f"module.backbone.{k}": v for k, v in sd.items()}},
+               tmp_path / "ckpt.pth")  # a MerMED/DINO training checkpoint layout
+    s2, _ = build_nets(preset, drop_path=0.0, init=str(tmp_path / "ckpt.pth"))
+    assert torch.equal(s2.backbone.state_dict()["blocks.0.mlp.fc1.weight"],
+                       sd["blocks.0.mlp.fc1.weight"])
+    with pytest.raises(WeightsError, match="does not match"):
+        build_nets(dict(preset, vit=dict(vit, depth=3)), drop_path=0.0, init=str(hub))
