@@ -121,6 +121,7 @@ def test_probe_file_round_trip_findings_and_encoder_hash_check(tmp_path):
     assert rows[0]["probability"] == pytest.approx(1 / (1 + np.exp(-5.0)))
     assert rows[0]["auroc"] == 0.9 and rows[0]["modality"] == "CXR"
     assert [r["finding"] for r in probe.findings(img, prompts=["down"])] == ["down"]
+    assert [r["finding"] for r in probe.findings(img, prompts=" up, down")] == ["up", "down"]
     with pytest.raises(ValueError, match="no label"):
         probe.findings(img, prompts=["sideways"])
     # the contract the Findings dock relies on

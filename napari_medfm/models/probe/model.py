@@ -196,10 +196,13 @@ class ProbeModel:
                  modality: str | None = None) -> list[dict[str, Any]]:
         """``[{"finding", "probability", "auroc", "modality"}]``, most probable first.
 
-        ``prompts``: None (every label) or an iterable of label names to keep. ``modality``:
+        ``prompts``: None (every label), label names to keep, or one comma-separated string of
+        them. ``modality``:
         the image's modality when it does not say (a plain PNG); default: the image's own,
         else the probe's training modality.
         """
+        if isinstance(prompts, str):  # "a, b" from a text field
+            prompts = [p.strip() for p in prompts.split(",") if p.strip()] or None
         keep = None if prompts is None else {str(p) for p in prompts}
         if keep is not None:
             unknown = keep - set(self.label_names)
