@@ -1,0 +1,1 @@
+"""Probe heads: a small linear/MLP head on a frozen 2D encoder's features -> finding probabilities."""
