@@ -258,8 +258,11 @@ def _listing(title: str, names: list[str], n: int = 10) -> str:
 
 
 def load_strict(module: torch.nn.Module, sd: Mapping[str, Any], what: str | Path | None = None,
-                ) -> torch.nn.Module:
+                *, assign: bool = False) -> torch.nn.Module:
     """``module.load_state_dict(sd, strict=True)`` with a helpful :class:`WeightsError`.
+
+    ``assign=True`` adopts the checkpoint's tensors instead of copying them (a module built
+    on the meta device then holds the memory-mapped weights: no second copy in RAM).
 
     The error lists missing and unexpected keys (first 10 of each, with counts) and shape
     mismatches, and names ``what`` (the checkpoint file that was expected).
@@ -285,7 +288,7 @@ def load_strict(module: torch.nn.Module, sd: Mapping[str, Any], what: str | Path
             + (f". {name} expects the released {label};" if label else ".")
             + " is this a different model size/version, or the wrong file?")
     try:
-        module.load_state_dict(dict(sd), strict=True)
+        module.load_state_dict(dict(sd), strict=True, assign=assign)
     except RuntimeError as exc:  # e.g. dtype/device issues not caught above
         raise WeightsError(f"cannot load weights{' from ' + str(what) if what else ''} into "
                            f"{name}: {exc}") from None
