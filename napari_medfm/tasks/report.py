@@ -19,6 +19,7 @@ banner and the provenance.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -289,11 +290,9 @@ def report_task(
             text += extra
             yield Progress(total, total, "findings inserted", data=extra)
     settings = {"template": template, **gen_settings}
-    try:
+    with contextlib.suppress(Exception):  # provenance, never a reason to lose the text
         settings["model"] = {k: v for k, v in model.describe().items()
                              if k in ("device", "precision", "lora", "weights")}
-    except Exception:  # describe() is provenance, never a reason to lose the text
-        pass
     files: list[str] = []
     for im in imgs:
         sf = (getattr(im, "metadata", {}) or {}).get("source_files") or []

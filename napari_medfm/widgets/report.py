@@ -223,7 +223,9 @@ class ReportWidget(QWidget):
         except Exception:  # noqa: BLE001 - napari versions differ; the option just finds none
             widgets = []
         for w in widgets:
-            inner = getattr(w, "widget", lambda: w)() if not hasattr(w, "result") else w
+            inner = w
+            if not hasattr(w, "result") and callable(getattr(w, "widget", None)):
+                inner = w.widget()  # a QDockWidget wrapping the dock
             res = getattr(inner, "result", None)
             found = getattr(res, "findings", None)
             if found and type(inner).__name__ == "FindingsWidget":

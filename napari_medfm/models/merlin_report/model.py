@@ -27,6 +27,7 @@ Conformance with the release (see ``docs/reports.md``):
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -81,35 +82,45 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor | None,
 class TextStream:
     """Incremental detokenisation: ``push(id)`` returns the text the new id adds.
 
-    The whole id sequence is decoded each time (the LLaMA decoder strips the first space and
-    merges byte-fallback pieces), and an incomplete UTF-8 tail (``\\ufffd``) is held back, so
-    the pieces always add up to ``tokenizer.decode(ids, skip_special_tokens=True)``.
+    The pieces always add up to ``tokenizer.decode(ids, skip_special_tokens=True)``: text is
+    emitted only up to the last token that is not a byte-fallback piece (``<0xNN>``), because
+    the decoder merges a run of byte pieces into characters only once the run is complete (an
+    incomplete UTF-8 tail, or invalid bytes, would otherwise be emitted and then revised);
+    everything else decodes prefix-stably. :meth:`flush` emits the rest at the end.
     """
+
+    _BYTE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""  # emitted so far
+        self._stable = 0  # ids[:_stable] are decoded into ``text``
+        self._is_byte: dict[int, bool] = {}
 
-    def _decoded(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    def _byte(self, tid: int) -> bool:
+        b = self._is_byte.get(tid)
+        if b is None:
+            tok = self.tokenizer.convert_ids_to_tokens(tid)
+            # ids the tokenizer does not know decode to nothing: they cannot end a byte run
+            b = self._is_byte[tid] = tok is None or bool(self._BYTE.match(str(tok)))
+        return b
+
+    def _emit_upto(self, k: int) -> str:
+        full = self.tokenizer.decode(self.ids[:k], skip_special_tokens=True)
+        if not full.startswith(self.text):  # cannot happen with a LLaMA decoder; never drop text
+            raise RuntimeError("tokenizer decoding is not prefix-stable")
+        piece, self.text, self._stable = full[len(self.text):], full, k
+        return piece
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        full = self._decoded()
-        if full.endswith("\ufffd"):
-            return ""
-        if not full.startswith(self.text):  # decoder revised earlier text (rare): resync
-            self.text = full
-            return ""
-        piece, self.text = full[len(self.text):], full
-        return piece
+        if self._byte(int(token_id)):
+            return ""  # inside a byte run: wait for it to end
+        return self._emit_upto(len(self.ids))
 
     def flush(self) -> str:
-        full = self._decoded()
-        piece = full[len(self.text):] if full.startswith(self.text) else ""
-        self.text = full if full.startswith(self.text) else self.text
-        return piece
+        return self._emit_upto(len(self.ids)) if len(self.ids) > self._stable else ""
 
 
 class _SectionCut:
@@ -439,16 +450,21 @@ class MerlinReportModel:
                                        use_cache=True), "the LLM")
         return img, cache, img.shape[1]
 
-    def _stream_prompt(self, prefix: tuple[torch.Tensor, Any, int], prompt: str, *,
-                       max_new_tokens: int, repetition_penalty: float,
+    def _stream_prompt(self, prefix: tuple[torch.Tensor, Any, int] | torch.Tensor, prompt: str,
+                       *, max_new_tokens: int, repetition_penalty: float,
                        cut: bool) -> Iterator[str]:
-        """Text pieces of one prompt continued from the image-prefix cache."""
-        _img, cache, n_img = prefix
-        _crop(cache, n_img)  # back to the image prefix (drops the previous prompt's entries)
+        """Text pieces of one prompt: continued from an image-prefix cache (organ prompts),
+        or after the image embeddings ``[1, N, hidden]`` in one prefill (a single prompt)."""
         txt = self._prompt_embeds(self.tokenize(prompt))
+        if isinstance(prefix, torch.Tensor):
+            cache, embeds = self._new_cache(), torch.cat([prefix, txt], dim=1)
+        else:
+            _img, cache, n_img = prefix
+            _crop(cache, n_img)  # back to the image prefix (drops the previous prompt's part)
+            embeds = txt
         text = TextStream(self.tokenizer)
         cutter = _SectionCut() if cut else None
-        gen = self._greedy(txt, cache, max_new_tokens, repetition_penalty)
+        gen = self._greedy(embeds, cache, max_new_tokens, repetition_penalty)
         try:
             for nxt in gen:
                 tid = int(nxt[0])
@@ -531,8 +547,8 @@ class MerlinReportModel:
             yield from self.organ_stream(images[0], max_new_tokens=max_new_tokens,
                                          repetition_penalty=repetition_penalty, prompt=prompt)
             return
-        prefix = self._prefix(self.prepare(images[0]))
-        yield from self._stream_prompt(prefix, prompt, max_new_tokens=max_new_tokens,
+        img = self.encode(self.prepare(images[0]))
+        yield from self._stream_prompt(img, prompt, max_new_tokens=max_new_tokens,
                                        repetition_penalty=repetition_penalty, cut=False)
 
 
