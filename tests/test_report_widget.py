@@ -48,6 +48,7 @@ def _dock(viewer, folder, tokens):
     w.weights_edit.setText(str(folder))
     w.device_combo.setCurrentText("cpu")
     w.tokens_spin.setValue(tokens)
+    w.stream_interval_s = 0.0  # every piece reaches the editor (default: batched at 10 Hz)
     return w
 
 
@@ -132,6 +133,7 @@ def test_question_and_findings_inserted(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     _add_dicom_ct(viewer)
     w = ReportWidget(viewer)
+    assert w.stream_interval_s > 0  # batched by default
     w.set_model("test-echo")
     assert w.template_combo.findData("impression") >= 0
     w.set_template("question", "Is there ascites")

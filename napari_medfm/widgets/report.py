@@ -43,6 +43,38 @@ from ._common import format_error, start_task
 
 __all__ = ["ReportWidget"]
 
+def _batched(gen: Any, interval: float) -> Any:
+    """Re-yield ``gen``'s events, merging text pieces that arrive within ``interval`` seconds
+    into one event (runs in the worker; returns ``gen``'s result; closing it closes ``gen``)."""
+    import time
+
+    buf: list[str] = []
+    last = time.monotonic()
+    step = total = 0
+    try:
+        while True:
+            try:
+                p = next(gen)
+            except StopIteration as stop:
+                if buf:
+                    yield Progress(step, total, "generating", data="".join(buf))
+                return stop.value
+            if p.data is None:
+                if buf:
+                    yield Progress(step, total, "generating", data="".join(buf))
+                    buf = []
+                yield p
+                continue
+            buf.append(p.data)
+            step, total = p.step, p.total
+            now = time.monotonic()
+            if now - last >= interval:
+                yield Progress(step, total, p.message, data="".join(buf))
+                buf, last = [], now
+    finally:
+        gen.close()
+
+
 _TEMPLATE_LABELS = {
     "full report": "Full report",
     "findings": "Findings",
@@ -67,6 +99,9 @@ class ReportWidget(QWidget):
         self.last_export: Path | None = None
         self.pieces: list[str] = []
         self._stop = threading.Event()
+        #: text pieces are sent to the GUI at most this often (seconds; 0 = every piece): each
+        #: update repaints the window, which must stay cheap for the GUI thread
+        self.stream_interval_s = 0.1
 
         self.banner = QLabel(BANNER)
         self.banner.setWordWrap(True)
@@ -273,12 +308,13 @@ class ReportWidget(QWidget):
                                     "uncheck the option).")
                 return None
         self._stop = stop = threading.Event()
+        interval = float(self.stream_interval_s)
 
         def _task():
-            return (yield from report_task(model_id, images, template=template,
-                                           question=question, max_new_tokens=max_new,
-                                           weights=weights, device=device, findings=findings,
-                                           stop=stop))
+            gen = report_task(model_id, images, template=template, question=question,
+                              max_new_tokens=max_new, weights=weights, device=device,
+                              findings=findings, stop=stop)
+            return (yield from _batched(gen, interval))
 
         self.result = None
         self.pieces = []
@@ -288,12 +324,13 @@ class ReportWidget(QWidget):
             b.setEnabled(False)
         self.run_button.setEnabled(False)
         self.stop_button.setEnabled(True)
-        self.progress.setRange(0, 0)
+        self.progress.setRange(0, 1)  # determinate: a busy bar animates (repaints) constantly
+        self.progress.setValue(0)
         names = ", ".join(lyr.name for lyr in layers)
         self.status.setText(f"Loading {model_id} for {names}...")
         self.worker = start_task(_task, on_result=self._on_result, on_error=self._on_error,
                                  on_progress=self._on_progress, on_aborted=self._on_aborted,
-                                 description=f"report {model_id}")
+                                 description=f"report {model_id}", progress=False)
         self.worker.finished.connect(self._on_finished)
         return self.worker
 
