@@ -45,3 +45,15 @@ class WeightsError(MedfmError):
 
 class CancelledError(MedfmError):
     """A long-running task was cancelled by the user; nothing was written."""
+
+
+class MissingTokenizerError(WeightsError):
+    """A model's tokenizer files are not where the model folder contract says."""
+
+
+class VolumeTooLargeError(MedfmError):
+    """The input volume cannot be preprocessed within the free memory."""
+
+
+class EmptyPromptError(MedfmError):
+    """A text-generation task was given an empty prompt or question."""

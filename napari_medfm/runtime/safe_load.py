@@ -260,6 +260,9 @@ def load_strict(module: torch.nn.Module, sd: Mapping[str, Any], what: str | Path
                 *, assign: bool = False) -> torch.nn.Module:
     """``module.load_state_dict(sd, strict=True)`` with a helpful :class:`WeightsError`.
 
+    ``assign=True`` adopts the checkpoint's tensors instead of copying them (a module built
+    on the meta device then holds the memory-mapped weights: no second copy in RAM).
+
     The error lists missing and unexpected keys (first 10 of each, with counts) and shape
     mismatches, and names ``what`` (the checkpoint file that was expected). ``assign`` puts the
     tensors themselves into the module (for a model built on the ``meta`` device: no

@@ -49,6 +49,7 @@ def start_task(
     on_progress: Callable[[Progress], None] | None = None,
     on_aborted: Callable[[], None] | None = None,
     description: str = "medfm",
+    progress: bool = True,
 ) -> Any:
     """Run a task generator in a napari generator worker and return the started worker.
 
@@ -71,7 +72,10 @@ def start_task(
             gen.close()
 
     # errors the widget reports itself must not also pop up as napari notifications
-    worker = create_worker(_run, _start_thread=False, _progress={"desc": description},
+    # ``progress=False``: no napari activity bar (a dock with its own bar and frequent events:
+    # each napari progress update repaints the main window)
+    worker = create_worker(_run, _start_thread=False,
+                           _progress={"desc": description} if progress else False,
                            _ignore_errors=on_error is not None)
     if on_progress is not None:
         worker.yielded.connect(on_progress)
