@@ -161,6 +161,45 @@ def region_query_image(image: Any, corners_world: np.ndarray | None, *,
     return crop_world_box(image, corners[:, -2:])
 
 
+def crop_slide_region(image: Any, corners_world: np.ndarray, max_side: int = 2048) -> Any:
+    """A rectangle of a whole-slide pyramid as a plain 2D image: the finest level at which
+    the region's long side is at most ``max_side`` pixels, with that level's geometry."""
+    from ...io.types import MedicalImage
+
+    levels = list(image.data)
+    g = image.geometry
+    lo, hi = world_box_to_index(g, np.asarray(corners_world, float)[:, -2:])
+    h0, w0 = levels[0].shape[:2]
+    lo = [max(0.0, lo[0]), max(0.0, lo[1])]
+    hi = [min(float(h0), hi[0]), min(float(w0), hi[1])]
+    if hi[0] - lo[0] < 1 or hi[1] - lo[1] < 1:
+        raise MedfmError("the rectangle does not overlap the slide")
+    chosen = len(levels) - 1
+    for i, lvl in enumerate(levels):
+        f = h0 / lvl.shape[0]
+        if max(hi[0] - lo[0], hi[1] - lo[1]) / f <= max_side:
+            chosen = i
+            break
+    lvl = levels[chosen]
+    fy, fx = h0 / lvl.shape[0], w0 / lvl.shape[1]
+    y0, x0 = int(lo[0] // fy), int(lo[1] // fx)
+    y1, x1 = max(y0 + 1, int(np.ceil(hi[0] / fy))), max(x0 + 1, int(np.ceil(hi[1] / fx)))
+    data = np.asarray(lvl[y0:y1, x0:x1])
+    first = g.index_to_physical([x0 * fx + (fx - 1) / 2, y0 * fy + (fy - 1) / 2])
+    geom = Geometry((g.spacing[0] * fx, g.spacing[1] * fy), tuple(first), g.direction)
+    md = dict(image.metadata or {})
+    md.update(crop_box=[y0, x0, y1, x1], pyramid_level=chosen)
+    return MedicalImage(data, geom, modality=image.modality, kind="image2d",
+                        name=f"{image.name} [region]", rgb=image.rgb, metadata=md)
+
+
+def region_image(image: Any, corners_world: np.ndarray | None, *, volume: Any = None) -> Any:
+    """:func:`region_query_image` for plain images, :func:`crop_slide_region` for slides."""
+    if corners_world is not None and getattr(image, "multiscale", False):
+        return crop_slide_region(image, corners_world)
+    return region_query_image(image, corners_world, volume=volume)
+
+
 def volume_region(volume: Any, corners_world: np.ndarray | None) -> Any:
     """For a 3D encoder: the whole volume, or the sub-volume under a rectangle's in-plane box
     through all slices."""
@@ -171,6 +210,28 @@ def volume_region(volume: Any, corners_world: np.ndarray | None) -> Any:
         raise MedfmError("draw the rectangle on the volume (a 3D Shapes layer)")
     lo, hi = world_box_to_index(volume.geometry, corners[:, -3:])
     return crop_image(volume, [0, lo[1], lo[2], volume.shape[0], hi[1], hi[2]])
+
+
+def build_query_image(image: Any, *, slice_index: int | None = None,
+                      corners_world: np.ndarray | None = None,
+                      volume_mode: bool = False) -> Any:
+    """The image a query embeds, from a layer's image (in its displayed order) and what the
+    user chose: a 3D encoder gets the volume (or the sub-volume under a rectangle), a 2D
+    encoder the shown slice ``slice_index`` of a volume (or a rectangle of it), a 2D image or
+    a rectangle of it (a slide region from the finest pyramid level that fits). Reads pixels:
+    call it in a worker."""
+    spatial = len(image.spatial_shape)
+    if spatial == 3 and volume_mode:
+        vol = replace(image, data=np.asarray(image.data))
+        return volume_region(vol, corners_world)
+    if spatial == 3:
+        plane = plane_of(image, slice_index)
+        return region_query_image(plane, corners_world, volume=image)
+    if spatial != 2:
+        raise MedfmError(f"{image.name}: {spatial}D images are not supported for similar cases")
+    if corners_world is None and not image.multiscale:
+        return replace(image, data=np.asarray(image.data))
+    return region_image(image, corners_world)
 
 
 # ------------------------------------------------------------------ queries
