@@ -28,7 +28,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _WORDS = """a an the of with without no normal abnormal photo this is x-ray chest lung lungs heart
 effusion pleural pneumothorax cardiomegaly edema opacity nodule mass fracture tissue image tumour
 tumor stroma mucus muscle fat adipose lymphocytes debris background retina fundus glaucoma
-macular degeneration diabetic retinopathy optic disc right left small large bilateral""".split()
+macular degeneration diabetic retinopathy optic disc right left small large bilateral""".split()  # noqa: SIM905
 
 
 def tiny_config(tiny: bool = True) -> dict:
