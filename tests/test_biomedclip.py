@@ -239,7 +239,8 @@ def test_text_search_on_an_image_only_index_says_so(tmp_path, capsys):
 
     ck = tiny_mermed_checkpoint(tmp_path / "MerMED.pth")
     assert main(["index", "build", "--model", "mermed", "--weights", str(ck), "--index",
-                 str(tmp_path / "ix"), str(real_path("cxr/tbx11k")), "--no-progress"]) == 0
+                 str(tmp_path / "ix"), str(real_path("cxr/tbx11k")), "--modality", "CXR",
+                 "--no-progress"]) == 0
     capsys.readouterr()
     rc = main(["index", "query", "--index", str(tmp_path / "ix"), "--text", "effusion"])
     err = capsys.readouterr().err

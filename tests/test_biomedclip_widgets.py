@@ -173,7 +173,10 @@ def test_similar_dock_text_search_on_image_only_index(make_napari_viewer, qtbot,
     from napari_medfm.widgets.similar import SimilarCasesWidget
 
     mm = load_model("mermed", weights=tiny_mermed_checkpoint(tmp_path / "MerMED.pth"))
-    drain(build_index(tmp_path / "ix", mm, collect_inputs([real_path("cxr/tbx11k")])))
+    items = collect_inputs([real_path("cxr/tbx11k")])
+    for it in items:
+        it.modality = "CXR"  # PNGs carry no modality (MerMED-FM refuses to guess)
+    drain(build_index(tmp_path / "ix", mm, items))
     viewer = make_napari_viewer()
     w = SimilarCasesWidget(viewer)
     w.set_index(tmp_path / "ix")

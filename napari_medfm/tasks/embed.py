@@ -80,8 +80,12 @@ def _model_kwargs(fn: Any, modality: str | None, slice_index: Any) -> dict[str, 
 
 
 def modality_used(model: Any, image: MedicalImage, modality: str | None) -> str:
-    """The modality a model will treat ``image`` as: the one given (models that take it),
-    else the model's default, else the image's own."""
+    """The modality a model will treat ``image`` as: the model's own answer
+    (``modality_for``, MerMED-FM), else the one given (models that take it), else the model's
+    default, else the image's own."""
+    ask = getattr(model, "modality_for", None)
+    if callable(ask):
+        return str(ask(image, modality=modality))
     if modality and accepts(getattr(model, "embed", None), "modality"):
         return modality
     default = getattr(model, "default_modality", None)
@@ -188,7 +192,9 @@ def embed_files_task(model: Any, inputs: Sequence[str | Path], outputs: Sequence
         yield Progress(i, n, f"{Path(inp).name}")
         image = pick_image(read(inp), inp)
         res = embed(model, image, modality=modality, slice_index=slice_index)
-        mod = modality_used(model, image, modality)
+        mod = str(res["modality"]) if isinstance(res.get("modality"), str) else \
+            modality_used(model, image, modality)
+        res = {k: v for k, v in res.items() if not isinstance(v, str)}
         save_npz(outp, {k: res[k] for k in EMBED_KEYS if k in res} or res)
         save_json(sidecar(outp), {"input": Path(inp).name, "outputs": sorted(res),
                                   "provenance": provenance(model, modality=mod,

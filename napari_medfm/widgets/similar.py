@@ -374,7 +374,12 @@ class SimilarCasesWidget(QWidget):
                 if pm.loadFromData(h.thumbnail, "PNG"):
                     item.setIcon(QIcon(pm))
             self.gallery.addItem(item)
-        self.status.setText(f"{len(self.hits)} similar cases" if self.hits else "no matches")
+        msg = f"{len(self.hits)} similar cases" if self.hits else "no matches"
+        if isinstance(out, tuple) and self.last_query_image is not None:
+            qmod = self.query_modality_combo.currentText()
+            used = self.last_query_image.modality if qmod == _FROM_LAYER else qmod
+            msg += f" (query modality {used})"
+        self.status.setText(msg)
 
     # ------------------------------------------------------------------ open a case
     def _open_item(self, item: QListWidgetItem) -> None:
