@@ -190,7 +190,13 @@ def zero_shot(model: Any, image: MedicalImage, prompts: Any = None, top_k: int =
     prov.setdefault("weights_sha256", getattr(model, "weights_sha256", None))
     prov["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     prov["elapsed_s"] = round(time.perf_counter() - t0, 2)
-    prov["modality"] = modality or image.modality
+    own = getattr(model, "modality", None)  # e.g. a probe trained on one modality
+    if "modality" in kw:
+        prov["modality"] = kw["modality"]
+    elif isinstance(own, str) and own:
+        prov["modality"] = own
+    else:
+        prov["modality"] = image.modality
     if slice_index is not None:
         prov["slice_index"] = slice_index
     if ps is not None:
