@@ -182,7 +182,10 @@ class BiomedCLIPModel:
         self.net = net.eval().to(device)
         self.tokenizer = tokenizer
         self.transform = transform
-        self.weights_path = Path(weights_path)
+        #: the state-dict file (hashed); ``weights_path`` is its hub-layout folder (what an
+        #: index records and a later query loads again from the cache)
+        self.checkpoint = Path(weights_path)
+        self.weights_path = self.checkpoint.parent
         self.device = device
         self.precision = precision
         self.dtype = precision_dtype(device, precision)
@@ -197,7 +200,7 @@ class BiomedCLIPModel:
         if self._sha256 is None:
             from ...runtime.weights import WeightsManager
 
-            self._sha256 = WeightsManager().file_hash(self.weights_path)
+            self._sha256 = WeightsManager().file_hash(self.checkpoint)
         return self._sha256
 
     @property
@@ -217,8 +220,8 @@ class BiomedCLIPModel:
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.model_id,
-            "weights": self.weights_path.name,
-            "weights_folder": self.weights_path.parent.name,
+            "weights": self.checkpoint.name,
+            "weights_folder": self.weights_path.name,
             "weights_sha256": self.weights_sha256,
             "device": str(self.device),
             "precision": str(self.dtype).replace("torch.", ""),
