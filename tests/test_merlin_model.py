@@ -239,7 +239,7 @@ def test_out_of_memory_becomes_advice(model):
 
 def test_findings_task_progress_and_cancel(model, ct):
     from napari_medfm.progress import drain
-    from napari_medfm.tasks.findings import findings_task
+    from napari_medfm.tasks.zeroshot import zero_shot as findings_task
 
     events = []
     res = drain(findings_task(model, ct, top_k=3), events.append)

@@ -50,12 +50,13 @@ def test_build_query_info_add_delete_rebuild(weights, real_data, tmp_path, capsy
     assert res["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert res["hits"][0]["path"] == str(q)
     # plain text output: rank, score, case id, path
-    assert main(["index", "query", "--index", str(ix), str(q), "-k", "2"]) == 0
+    assert main(["index", "query", "--index", str(ix), str(q), "-k", "2",
+                 "--modality", "pathology"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].split()[2] == "0_0_3_506.jpg"
     # a region of the image
     assert main(["index", "query", "--index", str(ix), str(q), "-k", "1", "--json",
-                 "--crop", "0,0,200,200"]) == 0
+                 "--crop", "0,0,200,200", "--modality", "pathology"]) == 0
     assert len(_json(capsys)["hits"]) == 1
 
     assert main(["index", "add", "--index", str(ix), str(cxr), "--modality", "CXR",
@@ -67,15 +68,16 @@ def test_build_query_info_add_delete_rebuild(weights, real_data, tmp_path, capsy
     assert info["modalities"] == {"pathology": 6, "CXR": 2} and info["index_type"] == "flat"
 
     assert main(["index", "query", "--index", str(ix), str(q), "-k", "10", "--json",
-                 "--filter-modality", "CXR"]) == 0
+                 "--filter-modality", "CXR", "--modality", "pathology"]) == 0
     assert {h["case_id"] for h in _json(capsys)["hits"]} == {"h0001.png", "tb0005.png"}
     assert main(["index", "query", "--index", str(ix), str(q), "-k", "10", "--json",
-                 "--label", "healthy"]) == 0
+                 "--label", "healthy", "--modality", "pathology"]) == 0
     assert [h["case_id"] for h in _json(capsys)["hits"]] == ["h0001.png"]
 
     assert main(["index", "delete", "--index", str(ix), "0_0_3_506.jpg"]) == 0
     capsys.readouterr()
-    assert main(["index", "query", "--index", str(ix), str(q), "-k", "8", "--json"]) == 0
+    assert main(["index", "query", "--index", str(ix), str(q), "-k", "8", "--json",
+                 "--modality", "pathology"]) == 0
     ids = [h["case_id"] for h in _json(capsys)["hits"]]
     assert "0_0_3_506.jpg" not in ids and len(ids) == 7
     assert main(["index", "rebuild", "--index", str(ix)]) == 0
@@ -110,12 +112,13 @@ def test_sharded_build_and_merge(weights, real_data, tmp_path, capsys, monkeypat
     for i in range(3):
         assert main(["index", "build", "--model", "mermed", "--weights", str(weights),
                      "--index", str(ix), str(patches), "--shard", f"{i}/3",
-                     "--no-progress"]) == 0
+                     "--modality", "pathology", "--no-progress"]) == 0
     # torchrun-style environment selects the shard too
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert main(["index", "build", "--model", "mermed", "--weights", str(weights),
-                 "--index", str(ix), str(patches), "--no-progress"]) == 0
+                 "--index", str(ix), str(patches), "--modality", "pathology",
+                 "--no-progress"]) == 0
     assert "+0 cases" in capsys.readouterr().out  # shard 1/3 was already complete
     assert main(["index", "merge", "--index", str(ix), "--no-progress"]) == 0
     assert "6 cases" in capsys.readouterr().out
@@ -129,12 +132,15 @@ def test_medfm_embed_with_mermed(weights, real_data, tmp_path, capsys):
         pytest.skip(f"missing {src}")
     out = tmp_path / "e.npz"
     assert main(["embed", "--model", "mermed", "--weights", str(weights), "--output", str(out),
-                 str(src), "--no-progress"]) == 0
+                 str(src), "--modality", "CXR", "--no-progress"]) == 0
     with np.load(out) as z:
         emb = z["image_embedding"]
     assert emb.shape == (128,) and emb.dtype == np.float32
+    # the modality used is recorded beside the embedding (issue 9 item 1)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["provenance"]["modality"] == "CXR"
     model = load_model("mermed", weights=weights)
-    np.testing.assert_allclose(emb, model.embed(mio.read(src)[0])["image_embedding"],
+    np.testing.assert_allclose(emb, model.embed(mio.read(src)[0], modality="CXR")["image_embedding"],
                                rtol=1e-5, atol=1e-6)
 
 

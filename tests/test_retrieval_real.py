@@ -281,7 +281,8 @@ def test_3d_encoder_index_with_merlin(real_data, tmp_path):
     res = drain(build_index(tmp_path / "ix", merlin, items))
     assert res.added == 2 and res.failed == []
     with CaseIndex.open(tmp_path / "ix") as idx:
-        direct = merlin.embed(mio.read(inputs[0])[0])["image_embedding"]
+        # Merlin indexes hold the contrastive (image-text) embedding, so text queries work
+        direct = merlin.embed(mio.read(inputs[0])[0])["contrastive_embedding"]
         assert idx.dim == direct.size
         assert all(r.thumbnail for r in idx.records().values())
         vol = mio.read(inputs[0])[0]

@@ -78,7 +78,8 @@ def test_whole_image_query_gallery_and_open(make_napari_viewer, qtbot, index_dir
 
     rect = w.gallery.visualItemRect(w.gallery.item(0))
     qtbot.mouseClick(w.gallery.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
-    assert len(viewer.layers) == n + 1
+    # the case is read in a worker (never on the GUI thread), then added
+    qtbot.waitUntil(lambda: len(viewer.layers) == n + 1, timeout=30_000)
     opened = viewer.layers[-1]
     ref = mio.read(w.hits[0].source_path)[0]
     np.testing.assert_array_equal(np.asarray(opened.data), np.asarray(ref.data))
@@ -172,7 +173,9 @@ def test_volume_query_for_a_3d_encoder_index(make_napari_viewer, qtbot, real_dat
     drain(build_index(tmp_path / "ix", merlin, collect_inputs([ct])))
     # the tiny test config cannot be re-created from the index record: hand the loaded model
     # to the query cache the widget's worker uses
-    q._MODEL_CACHE[("merlin", str(ck.resolve()))] = merlin
+    from napari_medfm.runtime.cache import cache_key, model_cache
+
+    model_cache.put(cache_key("merlin", ck, None), merlin)
     viewer = make_napari_viewer()
     w = SimilarCasesWidget(viewer)
     w.set_index(tmp_path / "ix")

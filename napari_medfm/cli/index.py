@@ -3,6 +3,8 @@
     medfm index build --model MODEL --weights PATH --index DIR INPUTS... [--shard I/N]
     medfm index add --index DIR INPUTS...            # same model/weights as the index
     medfm index query --index DIR INPUT [-k 10] [--json] [--crop Y0,X0,Y1,X1] [--slice N|middle]
+                      [--modality M]
+    medfm index query --index DIR --text "right pleural effusion" [-k 10] [--json]
     medfm index info --index DIR [--json]
     medfm index delete --index DIR CASE_ID... [--rebuild]
     medfm index rebuild --index DIR
@@ -10,6 +12,9 @@
 
 INPUTS are image files, folders (recursive) or CSV files with a ``path`` column and optional
 ``labels``, ``report``, ``modality``, ``case_id``. An interrupted build resumes when run again.
+Text queries embed the sentence with the index's own vision-language model (BiomedCLIP for a
+``--model biomedclip`` index, Merlin's text tower for a Merlin CT index); indexes of image-only
+models (mermed, dinov2, rad-dino) say so.
 """
 
 from __future__ import annotations
@@ -23,14 +28,9 @@ from ..errors import MedfmError
 
 
 def _slice_arg(text: str | None) -> int | str | None:
-    if text is None:
-        return None
-    if text == "middle":
-        return "middle"
-    try:
-        return int(text)
-    except ValueError:
-        raise MedfmError(f"--slice {text!r}: expected an integer or 'middle'") from None
+    from .embed import slice_arg
+
+    return slice_arg(text)
 
 
 def _add_build_options(p: argparse.ArgumentParser) -> None:
@@ -55,7 +55,9 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="index_command", metavar="ACTION")
 
     b = sub.add_parser("build", help="embed images into an index (resumable)")
-    b.add_argument("--model", required=True, help="model id (mermed, rad-dino, dinov2-base)")
+    b.add_argument("--model", required=True,
+                   help="model id (mermed, rad-dino, dinov2-base, biomedclip for image + text "
+                   "queries, merlin for CT)")
     b.add_argument("--weights", default=None, help="weights file/folder (default: $MEDFM_HOME)")
     b.add_argument("--index", required=True, help="index folder")
     b.add_argument("--shard", default=None,
@@ -72,7 +74,10 @@ def register(subparsers: Any) -> None:
 
     q = sub.add_parser("query", help="the k most similar cases to an image")
     q.add_argument("--index", required=True)
-    q.add_argument("input", metavar="INPUT", help="query image file or DICOM folder")
+    q.add_argument("input", metavar="INPUT", nargs="?", default=None,
+                   help="query image file or DICOM folder (or --text)")
+    q.add_argument("--text", default=None,
+                   help="query with a sentence (indexes of vision-language models)")
     q.add_argument("-k", type=int, default=10)
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--weights", default=None, help="weights (default: as recorded in the index)")
@@ -81,7 +86,9 @@ def register(subparsers: Any) -> None:
                    help="region in pixel indices Y0,X0,Y1,X1 (2D) or Z0,Y0,X0,Z1,Y1,X1")
     q.add_argument("--image-index", type=int, default=0,
                    help="which image when INPUT holds several (default 0)")
-    q.add_argument("--modality", default=None, help="modality of the query image")
+    q.add_argument("--modality", default=None,
+                   help="modality of the query image when the file does not say (CXR, fundus, "
+                   "pathology, CT, ...); recorded in the output")
     q.add_argument("--filter-modality", default=None, help="only return cases of this modality")
     q.add_argument("--label", default=None, help="only cases whose labels/report contain this")
     q.add_argument("--device", default=None)
@@ -134,7 +141,7 @@ def _report_build(res: Any) -> None:
 
 
 def _do_build(args: argparse.Namespace, model_id: str, weights: Any, shard: Any) -> int:
-    from ..runtime.registry import load_model
+    from ..runtime.cache import get_model
     from ..tasks.retrieval.build import build_index, collect_inputs
 
     items = collect_inputs(args.inputs)
@@ -143,7 +150,7 @@ def _do_build(args: argparse.Namespace, model_id: str, weights: Any, shard: Any)
             it.modality = it.modality or args.modality
     if not items:
         raise MedfmError("no readable images found in the inputs")
-    model = load_model(model_id, weights=weights, device=args.device)
+    model = get_model(model_id, weights=weights, device=args.device)
     gen = build_index(args.index, model, items, chunk_size=args.chunk_size,
                       batch_size=args.batch_size, slice_index=_slice_arg(args.slice_index),
                       shard=shard)
@@ -168,31 +175,42 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     from .. import io as mio
-    from ..tasks.retrieval.index import CaseIndex
-    from ..tasks.retrieval.query import crop_image, model_for_index, query_image
+    from ..progress import drain
+    from ..tasks.retrieval.query import crop_image, query_task
 
-    images = [im for im in mio.read(args.input) if not im.is_label]
-    if not images:
-        raise MedfmError(f"{args.input}: no image inside")
-    if not 0 <= args.image_index < len(images):
-        raise MedfmError(f"--image-index {args.image_index}: {args.input} holds {len(images)}")
-    image = images[args.image_index]
-    if args.crop:
-        try:
-            box = [float(v) for v in args.crop.split(",")]
-        except ValueError:
-            raise MedfmError(f"--crop {args.crop!r}: expected comma-separated numbers") from None
-        image = crop_image(image, box)
-    with CaseIndex.open(args.index) as idx:
-        idx.load_faiss()
-        model = model_for_index(idx, weights=args.weights, device=args.device)
-        hits = query_image(idx, model, image, args.k, slice_index=_slice_arg(args.slice_index),
-                           modality=args.modality, filter_modality=args.filter_modality,
-                           label=args.label)
+    if (args.input is None) == (args.text is None):
+        raise MedfmError("give a query image (INPUT) or --text, not both")
+    image = None
+    if args.input is not None:
+        images = [im for im in mio.read(args.input) if not im.is_label]
+        if not images:
+            raise MedfmError(f"{args.input}: no image inside")
+        if not 0 <= args.image_index < len(images):
+            raise MedfmError(f"--image-index {args.image_index}: {args.input} holds "
+                             f"{len(images)}")
+        image = images[args.image_index]
+        if args.crop:
+            try:
+                box = [float(v) for v in args.crop.split(",")]
+            except ValueError:
+                raise MedfmError(f"--crop {args.crop!r}: expected comma-separated numbers"
+                                 ) from None
+            image = crop_image(image, box)
+    hits = drain(query_task(args.index, image, args.k, text=args.text, weights=args.weights,
+                            device=args.device, slice_index=_slice_arg(args.slice_index),
+                            modality=args.modality, filter_modality=args.filter_modality,
+                            label=args.label))
+    used = None if image is None else (args.modality or image.modality)
     if args.json:
-        print(json.dumps({"query": str(args.input), "index": str(args.index),
-                          "hits": [h.to_json() for h in hits]}, indent=2))
+        doc: dict[str, Any] = {"index": str(args.index), "hits": [h.to_json() for h in hits]}
+        if image is not None:
+            doc.update(query=str(args.input), modality=used)
+        else:
+            doc.update(text=args.text)
+        print(json.dumps(doc, indent=2))
         return 0
+    if used is not None:
+        print(f"query {args.input} (modality {used})", file=sys.stderr)
     if not hits:
         print("no matching cases")
     for h in hits:

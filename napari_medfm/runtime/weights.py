@@ -461,10 +461,13 @@ class WeightsManager:
         keeping the ``.part`` file for a later resume)."""
         spec = _as_spec(spec_or_id)
         wanted = self.plan_fetch(spec, files)
+        sourced = file_sources(spec)  # files from other repositories: fetched below
         folder = self.model_dir(spec)
         folder.mkdir(parents=True, exist_ok=True)
         todo: list[WeightFile] = []
         for wf in wanted:
+            if wf.filename in sourced:
+                continue
             dest = folder / wf.filename
             if dest.is_file():
                 row = self._check_file(spec, wf, dest)
@@ -488,6 +491,8 @@ class WeightsManager:
             finally:
                 gen.close()  # on cancel: close the connection, keep the .part, release the lock
             base += wf.size or 0
+        if any(wf.filename in sourced for wf in wanted):
+            yield from fetch_sourced_iter(spec, self, retries)
         return [folder / wf.filename for wf in wanted]
 
     def plan_fetch(self, spec_or_id: SpecLike,
@@ -769,9 +774,90 @@ def resolve_weights(model_id: str, explicit: str | Path | None = None,
     return WeightsManager().resolve(model_id, explicit=explicit, filename=filename)
 
 
+# --------------------------------------------------------------------------- multi-repo layouts
+# A spec may declare ``extras["file_sources"] = {"sub/name": (repo_id, name_in_that_repo)}``:
+# files of its folder that come from another hub repository (BiomedCLIP's text/ folder holds
+# the tokenizer files of the BiomedCLIP repository and the BERT config of BiomedBERT's).
+
+
+def file_sources(spec_or_id: SpecLike) -> dict[str, tuple[str, str]]:
+    """``{path in the model folder: (hub repository, file name there)}`` (may be empty)."""
+    spec = _as_spec(spec_or_id)
+    return {str(k): (str(v[0]), str(v[1]))
+            for k, v in dict(spec.extras.get("file_sources", {}) or {}).items()}
+
+
+def assemble_text_folder(folder: str | Path, config: str | Path | None = None,
+                         subdir: str = "text",
+                         tokenizer_files: Iterable[str] = ("vocab.txt", "tokenizer_config.json",
+                                                           "special_tokens_map.json",
+                                                           "tokenizer.json")) -> Path:
+    """Make ``<folder>/<subdir>/`` from local copies of the two hub repositories.
+
+    The tokenizer files found at the root of ``folder`` (as in the BiomedCLIP repository) are
+    copied into ``subdir``; ``config`` (the text model's ``config.json``, or a folder holding
+    it, e.g. a clone of the BiomedBERT repository) is copied there as ``config.json``. Files
+    already in place are kept. Returns the text folder; raises :class:`WeightsError` when the
+    config or the vocabulary is still missing.
+    """
+    folder = Path(folder).expanduser()
+    text = folder / subdir
+    text.mkdir(parents=True, exist_ok=True)
+    for name in tokenizer_files:
+        src, dst = folder / name, text / name
+        if src.is_file() and not dst.exists():
+            shutil.copy2(src, dst)
+    if config is not None:
+        c = Path(config).expanduser()
+        c = c / "config.json" if c.is_dir() else c
+        if not c.is_file():
+            raise WeightsError(f"text model config {c} does not exist")
+        if not (text / "config.json").exists():
+            shutil.copy2(c, text / "config.json")
+    missing = [n for n in ("config.json", "vocab.txt") if not (text / n).is_file()]
+    if missing:
+        raise WeightsError(f"{text}: {', '.join(missing)} missing (the config comes from the "
+                           "text model's own repository; pass it as config=)")
+    return text
+
+
+def fetch_sourced_iter(spec_or_id: SpecLike, manager: WeightsManager | None = None,
+                       retries: int = 3) -> Generator[Progress, None, list[Path]]:
+    """Download the files a spec takes from other repositories (``file_sources``) into its
+    folder, resumable and atomic like :meth:`WeightsManager.fetch_iter` (ONLY on explicit
+    user request). Files already present are kept."""
+    import dataclasses
+
+    spec = _as_spec(spec_or_id)
+    wm = manager or WeightsManager()
+    sources = file_sources(spec)
+    if not sources:
+        return []
+    if _offline():
+        raise WeightsError(f"cannot download {spec.id}: offline mode is on (HF_HUB_OFFLINE)")
+    folder = wm.model_dir(spec)
+    declared = {wf.filename: wf for wf in spec.files}
+    done: list[Path] = []
+    todo = [(k, v) for k, v in sources.items() if not (folder / k).is_file()]
+    for i, (local, (repo, name)) in enumerate(todo):
+        wf0 = declared.get(local, WeightFile(local))
+        src_spec = dataclasses.replace(spec, repo_id=repo, revision=None)
+        wf = dataclasses.replace(wf0, filename=name)
+        dest = folder / local
+        gen = wm._download_one(src_spec, wf, dest, retries)
+        try:
+            for got, size in gen:
+                yield Progress(got, size or 0, f"{local} from {repo} ({i + 1}/{len(todo)})")
+        finally:
+            gen.close()
+        done.append(dest)
+    return [folder / k for k in sources]
+
+
 __all__ = [
     "MISMATCH", "MISSING", "OK", "PARTIAL", "UNPINNED", "WeightsManager", "how_to_get",
-    "resolve_weights", "sha256_file",
+    "resolve_weights", "sha256_file", "assemble_text_folder", "fetch_sourced_iter",
+    "file_sources",
 ]
 
 

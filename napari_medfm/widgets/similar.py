@@ -1,15 +1,19 @@
-"""Similar cases dock widget: query a similar-case index with the current image or a region.
+"""Similar cases dock widget: query a similar-case index with the current image, a region of
+it, or a sentence.
 
 Thin: the query runs :func:`napari_medfm.tasks.retrieval.query.query_task` in a napari worker
-(cancel stops it between steps); the CLI twin is ``medfm index query``. The image sent to the
-model is built from the layer (data + its geometry from the layer transform); a rectangle of
-a Shapes layer is converted world -> pixel indices with that geometry, so the crop is right
-whatever the spacing, origin or orientation. For a 3D layer the slice shown in the viewer is
-used (2D encoders). Clicking a result opens that case as a new layer with its own geometry.
+(cancel stops it between steps); the CLI twin is ``medfm index query`` (``--text`` for
+sentences). The GUI thread only captures plain inputs (the layer's image without copying its
+pixels, the shown slice, the rectangle's world corners, the sentence); the worker builds the
+query image with :func:`~napari_medfm.tasks.retrieval.query.build_query_image` (slice and
+direction arithmetic live there), embeds and searches. Text queries use the index's own
+vision-language model (BiomedCLIP, Merlin's text tower); image-only indexes say so.
+Clicking a result reads that case in a worker and opens it with its own geometry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +37,9 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import MedfmError
-from ..geometry import Geometry, geometry_of_layer
+from ..geometry import geometry_of_layer
 from ..io.types import MedicalImage
+from ..progress import Progress
 from ._common import format_error, start_task
 
 _NONE = "(whole image)"
@@ -43,38 +48,37 @@ _FROM_LAYER = "(from layer)"
 HIT_ROLE = Qt.ItemDataRole.UserRole
 
 
-def image_from_layer(layer: Any, current_index: int | None = None) -> MedicalImage:
-    """A 2D :class:`MedicalImage` from a napari Image layer (the shown slice of a volume)."""
+def layer_image(layer: Any) -> MedicalImage:
+    """The image of a napari Image layer in its displayed order (pixels not copied)."""
     md = dict(getattr(layer, "metadata", {}) or {})
     rgb = bool(getattr(layer, "rgb", False))
-    if getattr(layer, "multiscale", False):
-        levels = list(layer.data)
-        geom = geometry_of_layer(layer)
-        return MedicalImage(levels, geom, modality=md.get("modality", "SM"), kind="wsi",
-                            name=layer.name, rgb=rgb, multiscale=True, metadata=md)
-    data = layer.data
     geom = geometry_of_layer(layer)
-    spatial = data.ndim - (1 if rgb else 0)
-    if spatial == 3:
-        k = int(current_index if current_index is not None else data.shape[0] // 2)
-        k = min(max(k, 0), data.shape[0] - 1)
-        plane = np.asarray(data[k])
-        origin3 = geom.index_to_physical([0.0, 0.0, float(k)])
-        g2 = Geometry(geom.spacing[:2], tuple(origin3[:2]), _orthonormal_2d(geom.direction))
-        md["slice_index"] = k
-        return MedicalImage(plane, g2, modality=md.get("modality", "OT"), kind="image2d",
-                            name=f"{layer.name} [slice {k}]", rgb=rgb, metadata=md)
-    if spatial != 2:
+    if getattr(layer, "multiscale", False):
+        return MedicalImage(list(layer.data), geom, modality=md.get("modality", "SM"),
+                            kind="wsi", name=layer.name, rgb=rgb, multiscale=True, metadata=md)
+    spatial = layer.data.ndim - (1 if rgb else 0)
+    if spatial not in (2, 3):
         raise MedfmError(f"{layer.name}: {spatial}D layers are not supported for similar cases")
-    return MedicalImage(np.asarray(data), geom, modality=md.get("modality", "OT"),
-                        kind="image2d", name=layer.name, rgb=rgb, metadata=md)
+    return MedicalImage(layer.data, geom, modality=md.get("modality", "OT"),
+                        kind="volume" if spatial == 3 else "image2d", name=layer.name, rgb=rgb,
+                        metadata=md)
 
 
-def _orthonormal_2d(direction: np.ndarray) -> np.ndarray:
-    """In-plane 2x2 part of a 3D direction, re-orthonormalised (exact for axial slices)."""
-    d = np.asarray(direction, dtype=float)[:2, :2]
-    u, _, vt = np.linalg.svd(d)
-    return u @ vt
+def image_from_layer(layer: Any, current_index: int | None = None) -> MedicalImage:
+    """A 2D :class:`MedicalImage` from a napari Image layer (the shown slice of a volume)."""
+    from ..tasks.retrieval.query import build_query_image
+
+    return build_query_image(layer_image(layer), slice_index=current_index)
+
+
+def open_case_job(source_path: str, image_index: int) -> Generator[Progress, None, list[Any]]:
+    """Worker body for opening a result: read the case (never on the GUI thread)."""
+    from .. import io as mio
+
+    yield Progress(0, 1, f"reading {Path(source_path).name}")
+    images = [im for im in mio.read(source_path) if not im.is_label]
+    k = int(image_index)
+    return images[k:k + 1] if k < len(images) else images[:1]
 
 
 def shape_world_corners(shapes: Any, index: int | None = None) -> np.ndarray:
@@ -124,6 +128,10 @@ class SimilarCasesWidget(QWidget):
         self.weights_edit = QLineEdit()
         self.weights_edit.setPlaceholderText("(weights recorded in the index)")
         self.search_button = QPushButton("Find similar cases")
+        self.text_edit = QLineEdit()
+        self.text_edit.setPlaceholderText("find cases like this sentence, e.g. right pleural "
+                                          "effusion")
+        self.text_button = QPushButton("Search text")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.status = QLabel("")
@@ -151,15 +159,21 @@ class SimilarCasesWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.search_button)
         buttons.addWidget(self.cancel_button)
+        text_row = QHBoxLayout()
+        text_row.addWidget(self.text_edit, 1)
+        text_row.addWidget(self.text_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
+        layout.addLayout(text_row)
         layout.addWidget(self.status)
         layout.addWidget(self.gallery, 1)
 
         self.browse_button.clicked.connect(self._browse)
         self.index_edit.editingFinished.connect(self.refresh_index_info)
         self.search_button.clicked.connect(lambda: self.search())
+        self.text_button.clicked.connect(lambda: self.search_text())
+        self.text_edit.returnPressed.connect(lambda: self.search_text())
         self.cancel_button.clicked.connect(self.cancel)
         self.gallery.itemClicked.connect(self._open_item)
         ev = self.viewer.layers.events
@@ -218,6 +232,13 @@ class SimilarCasesWidget(QWidget):
             self.index_dims = tuple(get_spec(info["model_id"]).dims)
         except MedfmError:
             self.index_dims = (2,)
+        from ..tasks.retrieval.query import supports_text
+
+        if supports_text(info["model_id"]):
+            self.text_edit.setToolTip(f"embedded with {info['model_id']}'s text tower")
+        else:
+            self.text_edit.setToolTip(f"text search needs a vision-language index; this one "
+                                      f"holds {info['model_id']} (image-only) embeddings")
         cur = self.modality_combo.currentText()
         self.modality_combo.clear()
         self.modality_combo.addItem(_ANY)
@@ -228,78 +249,86 @@ class SimilarCasesWidget(QWidget):
         return info
 
     # ------------------------------------------------------------------ query
-    def query_image(self) -> MedicalImage:
-        """The image (or region) that will be embedded, built from the chosen layers."""
-        from ..tasks.retrieval.query import crop_image, crop_world_box, world_box_to_index
-
+    def query_source(self) -> dict[str, Any]:
+        """The plain inputs of an image query, read on the GUI thread (no pixels copied):
+        the layer's image, the shown slice, the rectangle's world corners, 3D-encoder mode."""
         name = self.layer_combo.currentText()
         if not name or name not in self.viewer.layers:
             raise MedfmError("open an image first (no image layer selected)")
         layer = self.viewer.layers[name]
+        image = layer_image(layer)
+        is3d = len(image.spatial_shape) == 3
         k = None
-        is3d = layer.ndim - (1 if getattr(layer, "rgb", False) else 0) == 3
-        region = self.region_combo.currentText()
-        if is3d and 2 not in self.index_dims:
-            return self._volume_query(layer, region)
         if is3d:
             k = int(round(float(layer.world_to_data(self.viewer.dims.point)[0])))
-        image = image_from_layer(layer, k)
+        region = self.region_combo.currentText()
+        corners = None
         if region and region != _NONE and region in self.viewer.layers:
             corners = shape_world_corners(self.viewer.layers[region])
-            if is3d and corners.shape[1] >= 3:
-                # exact for any orientation: world corners -> 3D indices of this layer, then
-                # the in-plane (y, x) box on the shown slice
-                lo, hi = world_box_to_index(geometry_of_layer(layer), corners[:, -3:])
-                image = crop_image(image, [lo[1], lo[2], hi[1], hi[2]])
-            else:
-                image = crop_world_box(image, corners[:, -2:])
-        return image
+        return {"image": image, "slice_index": k, "corners_world": corners,
+                "volume_mode": is3d and 2 not in self.index_dims}
 
-    def _volume_query(self, layer: Any, region: str) -> MedicalImage:
-        """For a 3D encoder (e.g. Merlin): the whole volume, or the sub-volume under the
-        rectangle's in-plane box through all slices."""
-        from ..tasks.retrieval.query import crop_image, world_box_to_index
+    def query_image(self) -> MedicalImage:
+        """The image (or region) that will be embedded (what the worker builds)."""
+        from ..tasks.retrieval.query import build_query_image
 
-        md = dict(getattr(layer, "metadata", {}) or {})
-        vol = MedicalImage(np.asarray(layer.data), geometry_of_layer(layer),
-                           modality=md.get("modality", "CT"), kind="volume", name=layer.name,
-                           metadata=md)
-        if region and region != _NONE and region in self.viewer.layers:
-            corners = shape_world_corners(self.viewer.layers[region])
-            if corners.shape[1] < 3:
-                raise MedfmError("draw the rectangle on the volume (a 3D Shapes layer)")
-            lo, hi = world_box_to_index(vol.geometry, corners[:, -3:])
-            vol = crop_image(vol, [0, lo[1], lo[2], vol.shape[0], hi[1], hi[2]])
-        return vol
+        return build_query_image(**self.query_source())
+
+    def _filters(self) -> dict[str, Any]:
+        mod = self.modality_combo.currentText()
+        return {"weights": self.weights_edit.text().strip() or None,
+                "filter_modality": None if mod == _ANY else mod,
+                "label": self.label_edit.text().strip() or None}
 
     def search(self) -> Any:
-        """Start the query in a worker; returns the worker (None if nothing to do)."""
-        from ..tasks.retrieval.query import query_task
+        """Start an image query in a worker; returns the worker (None if nothing to do)."""
+        from ..tasks.retrieval.query import build_query_image, query_task
 
         index_dir = self.index_edit.text().strip()
         if not index_dir:
             self.status.setText("choose an index folder first")
             return None
         try:
-            image = self.query_image()
+            source = self.query_source()
         except MedfmError as exc:
             self.status.setText(format_error(exc))
             return None
-        self.last_query_image = image
-        mod = self.modality_combo.currentText()
         qmod = self.query_modality_combo.currentText()
-        kw = {
-            "modality": None if qmod == _FROM_LAYER else qmod,
-            "weights": self.weights_edit.text().strip() or None,
-            "filter_modality": None if mod == _ANY else mod,
-            "label": self.label_edit.text().strip() or None,
-        }
+        kw = {"modality": None if qmod == _FROM_LAYER else qmod, **self._filters()}
         k = self.k_spin.value()
+
+        def job() -> Generator[Progress, None, list[Any]]:
+            yield Progress(0, 4, "reading the query image")
+            image = build_query_image(**source)
+            hits = yield from query_task(index_dir, image, k, **kw)
+            return image, hits
+
+        return self._start(job, "searching...")
+
+    def search_text(self, text: str | None = None) -> Any:
+        """Start a text query ("find cases like this sentence") in a worker."""
+        from ..tasks.retrieval.query import query_text_task
+
+        index_dir = self.index_edit.text().strip()
+        text = (text if text is not None else self.text_edit.text()).strip()
+        if not index_dir:
+            self.status.setText("choose an index folder first")
+            return None
+        if not text:
+            self.status.setText("type a sentence first (e.g. \"right pleural effusion\")")
+            return None
+        kw = self._filters()
+        k = self.k_spin.value()
+        return self._start(lambda: query_text_task(index_dir, text, k, **kw),
+                           f"searching for \u201c{text}\u201d...")
+
+    def _start(self, job: Any, message: str) -> Any:
         self.search_button.setEnabled(False)
+        self.text_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.status.setText("searching...")
+        self.status.setText(message)
         self.worker = start_task(
-            lambda: query_task(index_dir, image, k, **kw),
+            job,
             on_result=self._show_hits,
             on_error=self._on_error,
             on_progress=lambda p: self.status.setText(p.message),
@@ -314,6 +343,7 @@ class SimilarCasesWidget(QWidget):
 
     def _done(self) -> None:
         self.search_button.setEnabled(True)
+        self.text_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
 
     def _on_error(self, exc: BaseException) -> None:
@@ -324,7 +354,11 @@ class SimilarCasesWidget(QWidget):
         self._done()
         self.status.setText("cancelled")
 
-    def _show_hits(self, hits: list[Any]) -> None:
+    def _show_hits(self, out: Any) -> None:
+        if isinstance(out, tuple):  # (query image, hits) of an image query
+            self.last_query_image, hits = out
+        else:
+            hits = out
         self._done()
         self.hits = list(hits)
         self.gallery.clear()
@@ -340,26 +374,33 @@ class SimilarCasesWidget(QWidget):
                 if pm.loadFromData(h.thumbnail, "PNG"):
                     item.setIcon(QIcon(pm))
             self.gallery.addItem(item)
-        self.status.setText(f"{len(self.hits)} similar cases" if self.hits else "no matches")
+        msg = f"{len(self.hits)} similar cases" if self.hits else "no matches"
+        if isinstance(out, tuple) and self.last_query_image is not None:
+            qmod = self.query_modality_combo.currentText()
+            used = self.last_query_image.modality if qmod == _FROM_LAYER else qmod
+            msg += f" (query modality {used})"
+        self.status.setText(msg)
 
     # ------------------------------------------------------------------ open a case
     def _open_item(self, item: QListWidgetItem) -> None:
         self.open_hit(int(item.data(HIT_ROLE)))
 
-    def open_hit(self, i: int) -> list[Any]:
-        """Open result ``i`` as new layer(s) with the case's own geometry."""
+    def open_hit(self, i: int) -> Any:
+        """Open result ``i`` as new layer(s) with the case's own geometry; the case is read in
+        a worker (returned), the layers are added on the GUI thread when it is done."""
+        h = self.hits[i]
+        k = int((h.extra or {}).get("image_index", 0))
+        self.status.setText(f"opening {h.case_id} ...")
+        self.open_worker = start_task(lambda: open_case_job(h.source_path, k),
+                                      on_result=lambda images: self._add_case(h, images),
+                                      on_error=lambda exc: self.status.setText(
+                                          f"cannot open {h.case_id}: {format_error(exc)}"),
+                                      description="open case")
+        return self.open_worker
+
+    def _add_case(self, h: Any, images: list[Any]) -> list[Any]:
         from napari.layers import Layer
 
-        from .. import io as mio
-
-        h = self.hits[i]
-        try:
-            images = [im for im in mio.read(h.source_path) if not im.is_label]
-        except MedfmError as exc:
-            self.status.setText(f"cannot open {h.case_id}: {format_error(exc)}")
-            return []
-        k = int((h.extra or {}).get("image_index", 0))
-        images = images[k:k + 1] if k < len(images) else images[:1]
         added = []
         for im in images:
             data, kwargs, kind = im.layer_data()

@@ -249,9 +249,21 @@ def read_item(item: CaseItem) -> list[tuple[CaseRecord, Any]]:
     return out
 
 
+def embedding_key(model: Any) -> str:
+    """Which of ``model.embed``'s outputs an index stores: the joint image-text space for
+    vision-language models that have one beside their image features (Merlin's 512-d
+    ``contrastive_embedding``, so text queries search the same vectors), else
+    ``image_embedding``."""
+    if hasattr(model, "text_features") and hasattr(model, "zero_shot_from"):
+        return "contrastive_embedding"
+    return "image_embedding"
+
+
 def model_dim(model: Any) -> int:
     """Embedding size of a loaded model; 0 when the model does not say (then the first
     committed chunk fixes the index's dimension)."""
+    if embedding_key(model) != "image_embedding":
+        return 0
     return int(getattr(model, "embedding_dim", 0) or 0)
 
 
@@ -262,7 +274,8 @@ def embed_images(model: Any, images: Sequence[Any], modalities: Sequence[str | N
     if hasattr(model, "embed_batch"):
         return model.embed_batch(list(images), modality=list(modalities),
                                  slice_index=slice_index)
-    return np.stack([np.asarray(model.embed(im)["image_embedding"], np.float32).reshape(-1)
+    key = embedding_key(model)
+    return np.stack([np.asarray(model.embed(im)[key], np.float32).reshape(-1)
                      for im in images])
 
 
