@@ -58,7 +58,11 @@ PROMPT = "Generate a radiology report for liver###\n"
 
 def _texts() -> list[str]:
     from napari_medfm.models.merlin_report.testing import report_corpus
-    from napari_medfm.runtime.paths import test_data_dir
+    import os
+    from pathlib import Path
+
+    def test_data_dir() -> Path:
+        return Path(os.environ.get("MEDFM_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
 
     folder = test_data_dir() / "cxr" / "reports_iu_xray"
     texts = report_corpus(folder) if folder.is_dir() else []
@@ -182,7 +186,11 @@ def run_gui(args: Any) -> dict[str, Any]:
 
     from napari_medfm._napari.reader import layer_tuple
     from napari_medfm.io import read
-    from napari_medfm.runtime.paths import test_data_dir
+    import os
+    from pathlib import Path
+
+    def test_data_dir() -> Path:
+        return Path(os.environ.get("MEDFM_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
     from napari_medfm.widgets.report import ReportWidget
 
     work = Path(tempfile.mkdtemp(prefix="bench_merlin_report_gui_"))

@@ -58,7 +58,11 @@ BENCH_CONFIG = {  # tiny, but large enough that the decoder dominates a step
 def _texts() -> list[str]:
     import xml.etree.ElementTree as ET
 
-    from napari_medfm.runtime.paths import test_data_dir
+    import os
+    from pathlib import Path
+
+    def test_data_dir() -> Path:
+        return Path(os.environ.get("MEDFM_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
 
     folder = test_data_dir() / "cxr" / "reports_iu_xray"
     texts = []

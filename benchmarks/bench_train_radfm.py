@@ -27,7 +27,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def _manifest(folder: Path) -> Path:
-    from napari_medfm.runtime.paths import test_data_dir
+    import os
+    from pathlib import Path
+
+    def test_data_dir() -> Path:
+        return Path(os.environ.get("MEDFM_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
 
     real = test_data_dir()
     reports = []
