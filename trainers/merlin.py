@@ -145,9 +145,10 @@ class MerlinTrainNet(nn.Module):
         self.encode_text = clip.encode_text
         with torch.no_grad():
             self.logit_scale.fill_(float(cfg["model"]["logit_scale_init"]))
-        pooler = self.encode_text.text_encoder.pooler
-        if pooler is not None:  # in the released layout, but unused by Merlin's text feature
-            for p in pooler.parameters():
+        # in the released layout but unused by Merlin's text feature (CLS of the last hidden
+        # state, no global attention mask): the pooler and the global-attention projections
+        for name, p in self.encode_text.text_encoder.named_parameters():
+            if name.startswith("pooler.") or "_global." in name:
                 p.requires_grad_(False)
 
     @property

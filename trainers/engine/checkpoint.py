@@ -208,9 +208,19 @@ class CheckpointManager:
         payload: dict[str, Any] = {"model": msd, "optim": osd}
         if recipe_state:
             payload["recipe"] = recipe_state
+        # every model tensor must be in the checkpoint; optimizer entries may be missing for
+        # parameters that never received a gradient (their state stays as initialised)
+        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        lost = [k for k in payload["model"] if f"model.{k}" not in saved]
+        if lost:
+            raise RuntimeError(f"checkpoint {path} lacks model tensors {lost[:5]}; it was "
+                               "written by a different model")
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
-            dcp.load(payload, checkpoint_id=str(path), no_dist=not self.d.active)
+            dcp.load(payload, checkpoint_id=str(path), no_dist=not self.d.active,
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
         set_state_dict(model, optimizer, model_state_dict=payload["model"],
                        optim_state_dict=payload["optim"])
         rng = path / f"rng-rank{self.d.rank}.pt"

@@ -26,6 +26,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "batch_size": 8,           # GLOBAL samples per optimizer step (all ranks, all micro-steps)
     "grad_accum": 1,           # micro-steps per optimizer step; per-rank micro-batch =
                                # batch_size / (grad_accum * world_size)
+    "optimizer": "adamw",      # adamw | sgd (momentum = betas[0], nesterov off)
     "lr": 1e-4,
     "min_lr": 0.0,
     "weight_decay": 0.0,

@@ -195,14 +195,16 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [0] + list(range(2, x.ndim))
         xf = x.float()
-        n_local = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
-        s = xf.sum(dim=dims)
-        ss = (xf * xf).sum(dim=dims)
-        stats = all_reduce_sum_with_grad(torch.cat([s, ss, n_local.view(1)]))
         c = x.shape[1]
-        n = stats[2 * c].detach()
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        shape = [1, c] + [1] * (x.ndim - 2)
+        # two passes (mean, then squared deviations), each summed over all ranks: the same
+        # numerics as a plain batch norm up to summation order, for any split of the batch
+        n_local = torch.tensor([float(x.numel() // c)], device=x.device)
+        first = all_reduce_sum_with_grad(torch.cat([xf.sum(dim=dims), n_local]))
+        n = first[c].detach()
+        mean = first[:c] / n
+        dev = xf - mean.view(shape)
+        var = all_reduce_sum_with_grad((dev * dev).sum(dim=dims)) / n
         if self.training and self.track_running_stats and not _recomputing():
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -211,8 +213,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 unbiased = var.detach() * (n / max(float(n) - 1.0, 1.0))
                 self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
                 self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-        shape = [1, c] + [1] * (x.ndim - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = dev * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)

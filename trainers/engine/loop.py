@@ -202,8 +202,15 @@ def _run(recipe: Recipe, args: argparse.Namespace, d: Dist, stop: _Stop) -> dict
     groups = recipe.param_groups(inner, ctx) or _default_groups(inner, float(t["weight_decay"]))
     for g in groups:
         g["lr"] = float(t["lr"]) * float(g.pop("lr_scale", 1.0))
-    optimizer = torch.optim.AdamW(groups, lr=float(t["lr"]), betas=tuple(t["betas"]),
-                                  eps=float(t["eps"]), weight_decay=float(t["weight_decay"]))
+    if t["optimizer"] == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            groups, lr=float(t["lr"]), betas=tuple(t["betas"]), eps=float(t["eps"]),
+            weight_decay=float(t["weight_decay"]))
+    elif t["optimizer"] == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=float(t["lr"]), momentum=float(t["betas"][0]),
+                                    weight_decay=float(t["weight_decay"]))
+    else:
+        raise TrainError(f"train.optimizer must be adamw or sgd, not {t['optimizer']!r}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     seed_everything(int(t["seed"]), d.rank)
     ckpt = CheckpointManager(out / "checkpoints", d, int(t["keep_last"]))
