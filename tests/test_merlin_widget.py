@@ -114,6 +114,8 @@ def test_wrong_layer_gives_a_clear_message(make_napari_viewer, qtbot, ckpt):
     rng = np.random.default_rng(0)
     viewer.add_image(rng.integers(0, 500, (12, 40, 40)).astype(np.int16), name="mr",
                      metadata={"modality": "MR", "kind": "volume"})
+    # RadFM also serves MR volumes (and lists MR first): this test is about Merlin refusing MR
+    w.model_combo.setCurrentText("merlin")
     w.weights_edit.setText(str(ckpt))
     w.device_combo.setCurrentText("cpu")
     w.config_name = "tiny"
