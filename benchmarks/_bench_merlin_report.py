@@ -57,9 +57,9 @@ PROMPT = "Generate a radiology report for liver###\n"
 
 
 def _texts() -> list[str]:
-    from napari_medfm.models.merlin_report.testing import report_corpus
-    import os
     from pathlib import Path
+
+    from napari_medfm.models.merlin_report.testing import report_corpus
 
     def test_data_dir() -> Path:
         return Path(os.environ.get("MEDFM_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
@@ -179,6 +179,8 @@ def run(args: Any) -> dict[str, Any]:
 def run_gui(args: Any) -> dict[str, Any]:
     """Worst gap of a 10 ms QTimer on the GUI thread while the Report dock streams a report."""
     sys.modules.setdefault("triton", None)  # type: ignore[arg-type]
+    from pathlib import Path
+
     import napari
     import numpy as np
     from qtpy.QtCore import QThreadPool, QTimer
@@ -186,8 +188,6 @@ def run_gui(args: Any) -> dict[str, Any]:
 
     from napari_medfm._napari.reader import layer_tuple
     from napari_medfm.io import read
-    import os
-    from pathlib import Path
 
     def test_data_dir() -> Path:
         return Path(os.environ.get("MEDFM_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")

@@ -56,9 +56,8 @@ BENCH_CONFIG = {  # tiny, but large enough that the decoder dominates a step
 
 
 def _texts() -> list[str]:
-    import xml.etree.ElementTree as ET
-
     import os
+    import xml.etree.ElementTree as ET
     from pathlib import Path
 
     def test_data_dir() -> Path:

@@ -25,10 +25,7 @@ GETTERS = ("text", "currentText", "currentData", "currentIndex", "value", "isChe
 
 #: Docks that still read Qt in a worker at this commit (their owner fixes them): reported as
 #: xfail, not hidden. Remove an entry once that dock passes.
-KNOWN_OFF_THREAD = {
-    "FindingsWidget": "FindingsWidget._task reads the model/device/weights widgets in the "
-                      "worker (widgets/findings.py, owned by the shells work of issue 14)",
-}
+KNOWN_OFF_THREAD: dict[str, str] = {}
 
 
 def _docks() -> list[tuple[str, str]]:

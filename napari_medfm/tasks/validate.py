@@ -238,10 +238,7 @@ def align_to_reference(pred: MedicalImage, ref: MedicalImage) -> tuple[np.ndarra
     nearest-neighbour resampling (SimpleITK; outside the prediction's field of view = 0).
     No overlap: :class:`GeometryError`.
     """
-    try:  # the one resampling helper: runtime/inference.py after the architecture move
-        from ..runtime.inference import resample_labels_to
-    except ImportError:  # base before the move
-        from .segment import resample_labels_to
+    from ..runtime.inference import resample_labels_to
 
     p_arr, r_arr = np.asarray(pred.data), np.asarray(ref.data)
     if pred.geometry.same_grid(ref.geometry, p_arr.shape, r_arr.shape):
