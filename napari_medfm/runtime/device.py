@@ -224,6 +224,27 @@ def oom_advice(device: Any, what: str = "the model") -> str:
     return f"Out of memory running {what} on {device}: {_tips(device)}"
 
 
+def run_inference(fn: Any, device: Any, what: str, precision: str | None = None) -> Any:
+    """Run ``fn()`` under ``torch.inference_mode`` (and autocast when ``precision`` is given);
+    an out-of-memory error frees the CUDA cache and becomes a :class:`MedfmError` that says
+    what to try. The one guard every model adapter uses around its forward passes."""
+    import torch
+
+    from ..errors import MedfmError
+
+    ctx = (autocast_context(device, precision) if precision is not None
+           else contextlib.nullcontext())
+    try:
+        with torch.inference_mode(), ctx:
+            return fn()
+    except Exception as exc:
+        if is_oom(exc):
+            if getattr(device, "type", str(device)) == "cuda":
+                torch.cuda.empty_cache()
+            raise MedfmError(oom_advice(device, what)) from None
+        raise
+
+
 # --------------------------------------------------------------------------- info
 
 

@@ -234,17 +234,9 @@ class BiomedCLIPModel:
         }
 
     def _run(self, fn: Any, what: str) -> Any:
-        from ...runtime.device import autocast_context, is_oom, oom_advice
+        from ...runtime.device import run_inference
 
-        try:
-            with torch.inference_mode(), autocast_context(self.device, self.precision):
-                return fn()
-        except Exception as exc:
-            if is_oom(exc):
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                raise MedfmError(oom_advice(self.device, what)) from None
-            raise
+        return run_inference(fn, self.device, what, precision=self.precision)
 
     # ------------------------------------------------------------------ images
     def rgb_plane(self, image: MedicalImage, *, modality: str | None = None,

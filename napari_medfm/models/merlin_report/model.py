@@ -350,18 +350,10 @@ class MerlinReportModel:
         return torch.as_tensor([self.tokenizer(prompt)["input_ids"]], dtype=torch.long)
 
     # ------------------------------------------------------------------ forward pieces
-    def _run(self, fn: Callable[[], Any], what: str) -> Any:
-        from ...runtime.device import is_oom, oom_advice
+    def _run(self, fn: Any, what: str) -> Any:
+        from ...runtime.device import run_inference
 
-        try:
-            with torch.inference_mode():
-                return fn()
-        except Exception as exc:
-            if is_oom(exc):
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                raise MedfmError(oom_advice(self.device, what)) from None
-            raise
+        return run_inference(fn, self.device, what)
 
     def encode(self, image: Any) -> torch.Tensor:
         """Image tokens after the adapter: ``[B, N, hidden]`` in the LLM's dtype."""
