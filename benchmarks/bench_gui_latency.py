@@ -14,6 +14,10 @@ threading can hide), the later ones *warm* (what the dock itself costs the GUI t
 Cases: a real CT of the corpus (the 20-slice 512x512 DICOM series; ``--ct PATH`` for another
 file) and a synthetic 512x512x300 int16 volume (``--synthetic-shape``, ``--no-synthetic``).
 
+Baseline: napari's own ``add_labels`` of a Labels volume of the case's shape (cold and warm),
+timed the same way: the floor for a dock whose result is a Labels layer (on a software-GL
+display it costs 100-500 ms of GUI thread by itself).
+
 Drivers: Segmentation (hu-basic run, then Save NIfTI / CSV / DICOM-SEG when enabled), Window
 (every preset), Findings (Run; without Merlin weights the worker fails fast, which still measures
 what the dock does on the GUI thread before the worker starts), Similar cases (Search against
@@ -192,6 +196,19 @@ def add_case(viewer: Any, case: str, ct: Path | None, shape: tuple[int, int, int
     return viewer.add_image(data, **kwargs)
 
 
+def baseline_add_labels(viewer: Any, app: Any, image_layer: Any, rep: int) -> None:
+    """The baseline: what napari itself costs the GUI thread to show a Labels layer of the
+    image's shape (8 random labels, built before the timer counts), then removing it."""
+    labels = np.random.default_rng(rep).integers(0, 8, np.shape(image_layer.data),
+                                                 dtype=np.uint8)
+    pump(app, 0.3)
+    layer = viewer.add_labels(labels, name="baseline labels", scale=image_layer.scale,
+                              translate=image_layer.translate)
+    pump(app, 0.5)
+    viewer.layers.remove(layer)
+    pump(app, 0.3)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ct", type=Path, default=None,
@@ -222,12 +239,25 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(("synthetic", None))
 
     rows = []
+    baselines: list[tuple[str, dict[str, float], str]] = []
     with tempfile.TemporaryDirectory() as td:
         for case, ct in cases:
             viewer = napari.Viewer(show=True)
             app = QApplication.instance()
-            add_case(viewer, case, ct, tuple(args.synthetic_shape))
+            image_layer = add_case(viewer, case, ct, tuple(args.synthetic_shape))
             pump(app, 1.0)
+            for rep in range(1, args.repeat + 1):  # baseline: napari's own add_labels
+                rec = GapRecorder()
+                rec.start()
+                t0 = time.perf_counter()
+                baseline_add_labels(viewer, app, image_layer, rep)
+                wall = time.perf_counter() - t0
+                stats = rec.stop()
+                label = "cold" if rep == 1 else "warm"
+                baselines.append((case, stats, label))
+                print(f"{case:9s} {'[napari add_labels]':22s} {label} worst "
+                      f"{stats['worst_ms']:8.1f} ms  p99 {stats['p99_ms']:7.1f} ms  "
+                      f"mean {stats['mean_ms']:6.1f} ms  ({wall:.1f} s: baseline)", flush=True)
             for display, _python_name in plugin_docks():
                 if args.docks and display not in args.docks:
                     continue
@@ -263,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
             worst = max(sel)
             print(f"{label}: worst gap {worst:.1f} ms (target < 50 ms): "
                   f"{'met' if worst < 50 else 'NOT met'}")
+        base = [b[1]["worst_ms"] for b in baselines if b[2] == label]
+        if base:
+            print(f"{label}: napari's own add_labels of the same volume, worst gap "
+                  f"{max(base):.1f} ms (the floor for any dock that shows a Labels layer)")
     return 0
 
 

@@ -26,7 +26,7 @@ PKG = "napari_medfm"
 
 #: First component under ``napari_medfm`` -> layer.
 LAYERS = {
-    "errors": 0, "progress": 0, "geometry": 0, "io": 0, "windowing": 0,
+    "errors": 0, "progress": 0, "arrays": 0, "geometry": 0, "io": 0, "windowing": 0,
     "runtime": 1, "sample_data": 1,
     "models": 2,
     "tasks": 3,

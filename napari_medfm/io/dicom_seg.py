@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from ..arrays import present_values
 from ..errors import GeometryError, ReadError
 from ..geometry import Geometry
 from .types import MedicalImage
@@ -65,7 +66,6 @@ from .writers import (
     _norm_color,
     atomic_write,
     label_dtype,
-    present_values,
 )
 
 __all__ = ["read_dicom_seg", "write_dicom_seg", "segment_codes", "SEG_SOP_CLASS_UID"]

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..arrays import present_values
 from ..errors import MedfmError, UnsupportedFormatError
 from ..geometry import Geometry
 from .files import atomic_write, atomic_write_text
@@ -118,18 +119,6 @@ def label_dtype(labels: np.ndarray) -> np.dtype:
     if mx < 65536:
         return np.dtype(np.uint16)
     return np.dtype(np.int32)
-
-
-def present_values(labels: np.ndarray) -> list[int]:
-    """Sorted non-zero values present in a non-negative integer label map (fast for big maps)."""
-    arr = np.asarray(labels)
-    if arr.size == 0:
-        return []
-    mx = int(arr.max())
-    if mx < (1 << 20):
-        counts = np.bincount(arr.reshape(-1).astype(np.intp, copy=False), minlength=mx + 1)
-        return [int(v) for v in np.flatnonzero(counts) if v != 0]
-    return [int(v) for v in np.unique(arr) if v != 0]
 
 
 def _check_labels(path: Path, labels: Any, geometry: Geometry) -> np.ndarray:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..arrays import label_sums
 from ..errors import GeometryError, MedfmError, MixedSeriesError
 from ..geometry import Geometry
 from ..io.files import atomic_open, atomic_write_json
@@ -215,17 +216,16 @@ def label_statistics(labels: np.ndarray, intensities: np.ndarray | None, geometr
     One row per non-zero value present (plus named values, with zero volume when absent).
     """
     lab = np.asarray(labels)
-    flat = lab.ravel().astype(np.int64)
-    n = int(flat.max()) + 1 if flat.size else 1
-    counts = np.bincount(flat, minlength=n)
+    n = int(lab.max()) + 1 if lab.size else 1
+    counts = label_sums(lab, n)  # chunked: a worker never holds the GIL for long
     voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
     means = stds = None
     if intensities is not None:
-        vals = np.asarray(intensities, dtype=np.float64).ravel()
-        if vals.size != flat.size:
+        vals = np.asarray(intensities)
+        if vals.size != lab.size:
             raise GeometryError(f"labels {lab.shape} and image {np.shape(intensities)} differ")
-        sums = np.bincount(flat, weights=vals, minlength=n)
-        sq = np.bincount(flat, weights=vals * vals, minlength=n)
+        sums = label_sums(lab, n, vals)
+        sq = label_sums(lab, n, vals, squares=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             means = sums / counts
             stds = np.sqrt(np.maximum(sq / counts - means * means, 0.0))

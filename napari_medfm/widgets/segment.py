@@ -218,7 +218,7 @@ class SegmentWidget(QWidget):
         self.status.setText(f"Segmenting {layer.name} with {model}...")
         self.worker = start_task(_task, on_result=self._on_result, on_error=self._on_error,
                                  on_progress=self._on_progress, on_aborted=self._on_aborted,
-                                 description=f"segment {model}")
+                                 description=f"segment {model}", progress=False)
         self.worker.finished.connect(self._on_finished)
         return self.worker
 

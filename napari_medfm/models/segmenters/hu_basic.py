@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from ...arrays import label_sums
 from ...geometry import Geometry
 from ...io.types import MedicalImage
 from ...progress import Progress
@@ -253,7 +254,7 @@ def body_mask(hu: np.ndarray, geometry: Geometry, p: HUParams) -> np.ndarray:
         return np.zeros_like(raw)
     idx = np.arange(1, n + 1)
     voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
-    sizes = ndi.sum_labels(np.ones(cc.shape, np.float32), cc, idx) * voxel_ml
+    sizes = label_sums(cc, n + 1)[1:] * voxel_ml
     big = idx[sizes >= p.body_part_min_ml]
     keep = [1]
     sp = np.asarray(geometry.spacing, float)[::-1]  # numpy (z, y, x) order
@@ -289,8 +290,8 @@ def lung_mask(hu: np.ndarray, geometry: Geometry, body: np.ndarray, p: HUParams)
         return lungs
     voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
     idx = np.arange(1, n + 1)
-    sizes = ndi.sum_labels(np.ones(cc.shape, np.float32), cc, idx)
-    n_in = ndi.sum_labels(inside.astype(np.float32), cc, idx)
+    sizes = label_sums(cc, n + 1)[1:].astype(np.float64)
+    n_in = label_sums(cc, n + 1, inside)[1:]
     frac_in = n_in / np.maximum(sizes, 1.0)
     keep = idx[(sizes * voxel_ml >= p.lung_min_ml) & (frac_in >= p.lung_inside_min)]
     if keep.size == 0:
@@ -330,14 +331,12 @@ def bone_threshold(geometry: Geometry, p: HUParams) -> float:
 
 
 def _drop_small(mask: np.ndarray, geometry: Geometry, min_ml: float) -> np.ndarray:
-    from scipy import ndimage as ndi
-
     cc = _components(mask, geometry)
     n = int(cc.max())
     if n == 0:
         return mask
     voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
-    sizes = ndi.sum_labels(np.ones(cc.shape, np.float32), cc, np.arange(1, n + 1))
+    sizes = label_sums(cc, n + 1)[1:]
     big = np.flatnonzero(sizes * voxel_ml >= min_ml) + 1
     return np.isin(cc, big)
 
