@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import corpus_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,14 +58,10 @@ PROMPT = "Generate a radiology report for liver###\n"
 
 
 def _texts() -> list[str]:
-    from pathlib import Path
 
     from napari_medfm.models.merlin_report.testing import report_corpus
 
-    def test_data_dir() -> Path:
-        return Path(os.environ.get("MEDFM_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
-
-    folder = test_data_dir() / "cxr" / "reports_iu_xray"
+    folder = corpus_dir() / "cxr" / "reports_iu_xray"
     texts = report_corpus(folder) if folder.is_dir() else []
     return texts or [f"The liver is normal in size number {i}." for i in range(50)]
 
@@ -188,16 +185,13 @@ def run_gui(args: Any) -> dict[str, Any]:
 
     from napari_medfm._napari.reader import layer_tuple
     from napari_medfm.io import read
-
-    def test_data_dir() -> Path:
-        return Path(os.environ.get("MEDFM_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
     from napari_medfm.widgets.report import ReportWidget
 
     work = Path(tempfile.mkdtemp(prefix="bench_merlin_report_gui_"))
     _model, folder = build(args, work)
     viewer = napari.Viewer(show=True)
     app = QApplication.instance()
-    ct = test_data_dir() / "ct" / "totalseg_dicom_series"
+    ct = corpus_dir() / "ct" / "totalseg_dicom_series"
     img = next(im for im in read(ct) if im.kind == "volume")
     data, kwargs, _ = layer_tuple(img)
     viewer.add_image(data, **kwargs)

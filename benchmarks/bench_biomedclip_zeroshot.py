@@ -20,18 +20,13 @@ open_clip's transform, ``encode_image``, ``encode_text`` of every phrasing for e
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _corpus() -> Path:
-    env = os.environ.get("MEDFM_TEST_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real"
+from _common import corpus_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_medfm.runtime.registry import get_spec
     from napari_medfm.tasks.retrieval.query import crop_slide_region
 
-    root = _corpus()
+    root = corpus_dir()
     cxr_path = root / "cxr" / "tbx11k" / "h0001.png"
     wsi_path = root / "pathology" / "wsi" / "CMU-1-Small-Region.svs"
     for p in (cxr_path, wsi_path):

@@ -30,7 +30,6 @@ The corpus is ``$MEDFM_TEST_DATA`` or ``../shared/data/real`` beside the checkou
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -41,14 +40,9 @@ import numpy as np
 
 sys.modules.setdefault("triton", None)  # type: ignore[arg-type]  # Triton + Mesa GL segfault
 
+from _common import corpus_dir  # noqa: E402
+
 PLUGIN = "napari-medfm"
-
-
-def corpus_dir() -> Path:
-    env = os.environ.get("MEDFM_TEST_DATA")
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
 class GapRecorder:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import iu_report_texts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,18 +57,7 @@ BENCH_CONFIG = {  # tiny, but large enough that the decoder dominates a step
 
 
 def _texts() -> list[str]:
-    import os
-    import xml.etree.ElementTree as ET
-    from pathlib import Path
-
-    def test_data_dir() -> Path:
-        return Path(os.environ.get("MEDFM_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
-
-    folder = test_data_dir() / "cxr" / "reports_iu_xray"
-    texts = []
-    for f in sorted(folder.glob("*.xml")) if folder.is_dir() else []:
-        texts += [n.text.strip() for n in ET.parse(f).getroot().iter("AbstractText")
-                  if n.text and n.text.strip()]
+    texts = iu_report_texts()
     if not texts:
         texts = [f"The heart size is normal. No pleural effusion number {i}." for i in range(50)]
     return texts

@@ -19,25 +19,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import ROOT, corpus_dir, iu_report_texts  # noqa: E402
 
 
 def _manifest(folder: Path) -> Path:
-    import os
-    from pathlib import Path
-
-    def test_data_dir() -> Path:
-        return Path(os.environ.get("MEDFM_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
-
-    real = test_data_dir()
-    reports = []
-    for f in sorted((real / "cxr" / "reports_iu_xray").glob("*.xml")):
-        reports += [n.text.strip() for n in ET.parse(f).getroot().iter("AbstractText")
-                    if n.get("Label") == "FINDINGS" and n.text and n.text.strip()]
+    real = corpus_dir()
+    reports = iu_report_texts(("FINDINGS",))
     images = [real / "cxr/nih_chestxray14/00000001_000.png", real / "cxr/tbx11k/h0001.png",
               real / "cxr/tbx11k/tb0005.png", real / "fundus/skimage_retina.jpg"]
     ct = real / "ct/totalseg_nifti/example_ct_sm.nii.gz"

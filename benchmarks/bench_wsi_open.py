@@ -39,13 +39,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
-
-def corpus_dir() -> Path:
-    """The real test corpus: ``$MEDFM_TEST_DATA`` or ``../shared/data/real`` beside the checkout."""
-    env = os.environ.get("MEDFM_TEST_DATA")
-    return Path(env).expanduser() if env else \
-        Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+from _common import corpus_dir  # noqa: E402
 
 
 def _best(fn, repeat: int) -> float:
