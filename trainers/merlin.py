@@ -37,6 +37,7 @@ from trainers.engine import (
     image_readable,
     run_cli,
 )
+from trainers.engine import main as engine_main
 from trainers.merlin_lib import phecodes as P
 from trainers.merlin_lib.losses import MAX_LOGIT_SCALE, info_nce, phenotype_bce
 from trainers.merlin_lib.sections import choose_text
@@ -423,7 +424,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _p = argparse.ArgumentParser(prog="trainers/merlin.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(_p)
-    sys.exit(main(_p.parse_args()))
+    sys.exit(engine_main(RECIPE))

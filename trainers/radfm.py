@@ -48,6 +48,7 @@ from trainers.engine import (
     image_readable,
     run_cli,
 )
+from trainers.engine import main as engine_main
 from trainers.radfm_data import RadFMGroups, collate_group, split_paths
 from trainers.radfm_loss import hf_loss, make_tagger, weighted_loss
 
@@ -363,7 +364,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _p = argparse.ArgumentParser(prog="trainers/radfm.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(_p)
-    sys.exit(main(_p.parse_args()))
+    sys.exit(engine_main(RECIPE))

@@ -407,7 +407,8 @@ def _export(recipe: Recipe, model: nn.Module, ctx: RunContext, last: dict[str, A
 def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
     """``python trainers/<recipe>.py ...`` / ``torchrun trainers/<recipe>.py ...``."""
     parser = argparse.ArgumentParser(prog=f"trainers/{recipe.name}.py",
-                                     description=recipe.description)
+                                     description=recipe.description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(parser, recipe)
     args = parser.parse_args(argv)
     return run_cli(recipe, args)
