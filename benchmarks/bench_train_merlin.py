@@ -4,14 +4,15 @@ checkpoint costs.
     python benchmarks/bench_train_merlin.py [--steps 12] [--threads 1]
 
 Manifest: the corpus' real CTs (NIfTI and DICOM series) with IU X-ray report texts as
-stand-ins and a few phecodes. Three runs of ``trainers/merlin.py --preset tiny`` (global batch
+stand-ins and a few phecodes. Four runs of ``trainers/merlin.py --preset tiny`` (global batch
 2), each a fresh process:
 
-1. world 1, no checkpoints;  2. world 2 (``torch.distributed.run``, 1 sample per rank), no
-   checkpoints: samples/s from the median step time in ``metrics.csv`` (the first 2 steps
+1. world 1, no checkpoints;  2.-3. world 2 (``torch.distributed.run``, 1 sample per rank), no
+   checkpoints, with the default global batch norm and again with ``model.image.batchnorm=local``
+   (no per-layer all-reduce): samples/s from the median step time in ``metrics.csv`` (the first 2 steps
    dropped), scaling efficiency = rate(2) / (2 x rate(1));
-3. world 1 with a DCP checkpoint after every step: cost of one checkpoint = (wall time of run
-   3 - wall time of run 1) / number of checkpoints, against the median step time, and the size
+4. world 1 with a DCP checkpoint after every step: cost of one checkpoint = (wall time of run
+   4 - wall time of run 1) / number of checkpoints, against the median step time, and the size
    of one step folder.
 
 On a shared 2-core machine the 2-process rate is bounded by the cores (expect efficiency well
@@ -53,7 +54,7 @@ def _manifest(folder: Path) -> Path:
 
 
 def _run(manifest: Path, out: Path, world: int, steps: int, save_every: int,
-         threads: int) -> float:
+         threads: int, *extra: str) -> float:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS=str(threads))
     launch = ([sys.executable] if world == 1 else
@@ -62,7 +63,7 @@ def _run(manifest: Path, out: Path, world: int, steps: int, save_every: int,
     cmd = [*launch, str(ROOT / "trainers" / "merlin.py"), "--data", str(manifest), "--out",
            str(out), "--preset", "tiny", "--max-steps", str(steps), "--save-every",
            str(save_every), "--seed", "0", "--set", "train.progress=false",
-           "--set", "train.export=false", "--set", "train.keep_last=1"]
+           "--set", "train.export=false", "--set", "train.keep_last=1", *extra]
     t = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -100,13 +101,17 @@ def main() -> int:
         rate1 = batch / _step_time(work / "w1")
         _run(m, work / "w2", 2, args.steps, 0, args.threads)
         rate2 = batch / _step_time(work / "w2")
+        _run(m, work / "w2l", 2, args.steps, 0, args.threads,
+             "--set", "model.image.batchnorm=local")
+        rate2l = batch / _step_time(work / "w2l")
         wall_ck = _run(m, work / "ck", 1, args.steps, 1, args.threads)
         step_s = _step_time(work / "ck")
         ckpt_s = max(0.0, wall_ck - wall1) / args.steps
         size = _folder_mb(work / "ck")
     print(f"tiny preset, global batch {batch}, {args.steps} steps, {args.threads} thread(s) per "
           f"process: 1 process {rate1:.2f} samples/s; 2 gloo processes {rate2:.2f} samples/s; "
-          f"2/1 {rate2 / rate1:.2f}x (scaling efficiency {rate2 / (2 * rate1):.0%})")
+          f"2/1 {rate2 / rate1:.2f}x (scaling efficiency {rate2 / (2 * rate1):.0%}); with "
+          f"model.image.batchnorm=local {rate2l:.2f} samples/s ({rate2l / rate1:.2f}x)")
     print(f"checkpoint (DCP step folder, {size:.1f} MiB): {ckpt_s:.3f} s each against a "
           f"{step_s:.3f} s step ({ckpt_s / step_s:.2f} steps' time)")
     return 0

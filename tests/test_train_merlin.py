@@ -339,3 +339,26 @@ def test_medfm_train_cli_lists_merlin(capsys):
     args = parser.parse_args(["train", "merlin", "--data", "m.csv", "--out", "o",
                               "--preset", "paper"])
     assert args.preset == "paper" and callable(args.func)
+
+
+def test_batchnorm_global_by_default_local_on_request():
+    """Global batch norm (all-reduced statistics) unless model.image.batchnorm=local; a typo is
+    an error, not a silent choice."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from trainers.engine import GlobalBatchNorm
+    from trainers.engine import config as C
+    from trainers.merlin import PRESETS, RECIPE
+
+    def bns(value):
+        cfg = C.resolve(PRESETS, "tiny", overrides=[f"model.image.batchnorm={value}"])
+        net = RECIPE.build_model(SimpleNamespace(cfg=cfg))
+        return [type(m) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    glob, local = bns("global"), bns("local")
+    assert glob and set(glob) == {GlobalBatchNorm}
+    assert len(local) == len(glob) and GlobalBatchNorm not in set(local)
+    with pytest.raises(ValueError, match="global or local"):
+        bns("sync")

@@ -60,7 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "grad_clip": 1.0},
         "model": {
             "image": {"layers": [1, 1, 1, 1], "widths": [4, 8, 8, 16], "expansion": 4,
-                      "init": "random", "torchvision_weights": None},
+                      "init": "random", "torchvision_weights": None, "batchnorm": "global"},
             "text": {"vocab_size": 512, "hidden_size": 32, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "intermediate_size": 64,
                      "max_position_embeddings": 514, "attention_window": 16, "max_length": 256,
@@ -83,7 +83,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "grad_checkpointing": True, "num_workers": 4},
         "model": {
             "image": {"layers": [3, 8, 36, 3], "widths": [64, 128, 256, 512], "expansion": 4,
-                      "init": "imagenet", "torchvision_weights": "torchvision"},
+                      "init": "imagenet", "torchvision_weights": "torchvision",
+                      "batchnorm": "global"},
             "text": {**TEXT_FULL, "pretrained": "yikuan8/Clinical-Longformer",
                      "tokenizer": None, "train_tokenizer": False},
             "logit_scale_init": 1.0,
@@ -342,7 +343,11 @@ class MerlinRecipe(Recipe):
             raise ValueError("model.image.init must be random or imagenet")
         if cfg["model"]["text"]["pretrained"]:
             _init_text(net, cfg["model"]["text"]["pretrained"])
-        convert_batchnorm(net)  # statistics over the global batch, on gloo and nccl alike
+        bn = cfg["model"]["image"].get("batchnorm", "global")
+        if bn == "global":  # statistics over the global batch, on gloo and nccl alike
+            convert_batchnorm(net)
+        elif bn != "local":  # local: each rank's own batch (no all-reduce; ranks differ)
+            raise ValueError("model.image.batchnorm must be global or local")
         return net
 
     def fsdp_blocks(self, model: nn.Module) -> list[nn.Module]:
