@@ -215,6 +215,24 @@ def test_two_processes_sigkill_resume_equal_one_uninterrupted(reference, manifes
     assert _losses(out)[-1] == pytest.approx(_losses(reference)[-1], abs=1e-5)
 
 
+def test_fsdp2_two_processes_equal_one_and_export_loads(reference, manifest, tmp_path):
+    """The LLM sharded per decoder layer with fully_shard (gloo, 2 ranks): same weights as the
+    1-process run, and the export (gathered full state dict) opens in the plugin's loader."""
+    import napari_medfm
+
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(RECIPE), "--data", str(manifest), "--out", str(out), "--loss", "weighted",
+           "--set", "train.parallel=fsdp"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a, b = _weights(reference), _weights(out)
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff < 1e-5, diff
+    assert napari_medfm.load_model("radfm", weights=out / "export", device="cpu") is not None
+
+
 def test_lora_export_merged_equals_adapters_applied(manifest, tmp_path):
     pytest.importorskip("peft")
     import sentencepiece as spm
