@@ -52,5 +52,18 @@ def _isolated_medfm_home(tmp_path_factory, monkeypatch):
     yield home
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (restored after): small models run faster and the
+    arithmetic is the same as in the 1-thread subprocesses some tests compare against. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_configure(config):
     os.environ.setdefault("NAPARI_ASYNC", "0")

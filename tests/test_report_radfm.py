@@ -16,14 +16,7 @@ CXR = "cxr/tbx11k/h0001.png"
 CT_SMALL = "ct/totalseg_nifti/example_ct_sm.nii.gz"
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,10 @@ CT_DICOM = "ct/dcmqi_ct3slice"
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
+def _gui(one_torch_thread):
     from napari_medfm.widgets import block_triton_in_gui
 
     block_triton_in_gui()
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

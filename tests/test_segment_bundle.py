@@ -16,12 +16,7 @@ torch = pytest.importorskip("torch")
 CT = "ct/totalseg_nifti/example_ct_sm.nii.gz"
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -12,12 +12,7 @@ from napari_medfm.progress import drain
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _net(out_channels=3, seed=0):
