@@ -3,8 +3,12 @@
     medfm train mermed --data MANIFEST.csv --out DIR [--preset tiny|paper|release] [--max-steps N] [--resume]
     torchrun --nproc-per-node 8 -m trainers.mermed --data MANIFEST.csv --out DIR --preset release
 
-Manifest columns ``image``, ``modality``. Writes ``DIR/checkpoints/step-N/`` (complete folders only:
-written under a temporary name and renamed; the newest ``--keep`` are kept), ``DIR/metrics.csv`` (the engine's metrics logger; ``step`` = steps done)
+Manifest columns ``image``, ``modality``. On the trainer engine's parts (``trainers/engine``): its
+distributed set-up, its DCP step folders ``DIR/checkpoints/step-N/`` (student, teacher, optimizer and
+memory bank resharded on load; per-rank RNG states; complete folders only, the newest ``--keep``
+kept), SIGTERM = save and exit, no run overwritten without ``--resume``, and its metrics logger
+``DIR/metrics.csv`` (``step`` = steps done); the step loop is the recipe's own (two networks, the
+memory bank, four schedules, per-parameter clipping).
 and, at the end, ``DIR/export/MerMED.pth`` (the teacher under ``teacher`` -> ``module.backbone.*`` /
 ``module.head.*`` as in the release, plain tensors, ``torch.load(weights_only=True)`` works),
 ``DIR/export/MerMED.safetensors`` (same tensors + ViT config in the metadata) and
@@ -14,7 +18,7 @@ Differences from the public release (on purpose; see docs/training-mermed.md): t
 gives loss 0 and gradient 0 on block rows without a same-modality slot (release: NaN); the sampler
 uses the global rank (release: the local rank, duplicating data across nodes); the block partition
 comes from (seed, step) so resume and world size do not change it; checkpoints are complete step
-folders holding RNG and sampler state, loadable with ``weights_only=True``; the queue push happens
+folders holding RNG and sampler state; the queue push happens
 after backward (the logits use the queue before the push either way, so the result is the same).
 """
 
@@ -24,8 +28,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -97,39 +99,40 @@ def main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- trainer
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+def read_checkpoint(step_dir: str | Path) -> dict[str, Any]:
+    """A complete MerMED checkpoint folder as plain tensors: ``step``, ``student``, ``teacher``,
+    ``optimizer``, ``memory`` (queue, labels, ptr), ``sampler`` and ``config`` (for tests,
+    inspection and conversions; training resumes through the engine's loader)."""
+    import tempfile
+
     import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from .engine.checkpoint import COMPLETE, STATE
 
-
-def _step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:08d}"
-
-
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete step folders (``COMPLETE`` marker present), oldest first."""
-    out = []
-    if root.is_dir():
-        for d in root.iterdir():
-            if d.is_dir() and d.name.startswith("step-") and (d / "COMPLETE").is_file():
-                try:
-                    out.append((int(d.name[5:]), d))
-                except ValueError:
-                    continue
-    return sorted(out)
+    step_dir = Path(step_dir)
+    if not (step_dir / COMPLETE).is_file():
+        raise FileNotFoundError(f"{step_dir} is not a complete checkpoint (no {COMPLETE})")
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(step_dir), str(Path(tmp) / "ckpt.pt"))
+        flat = torch.load(Path(tmp) / "ckpt.pt", weights_only=True)
+    state = json.loads((step_dir / STATE).read_text())
+    model = flat["model"]
+    return {"step": int(state["step"]),
+            "student": {k[8:]: v for k, v in model.items() if k.startswith("student.")},
+            "teacher": {k[8:]: v for k, v in model.items() if k.startswith("teacher.")},
+            "optimizer": flat["optim"], "memory": flat["recipe"]["memory"],
+            "sampler": state["sampler"], "config": state["config"]}
 
 
 class Trainer:
     def __init__(self, args: argparse.Namespace):
         import torch
-        import torch.distributed as dist
 
         from napari_medfm.errors import MedfmError
 
         from . import mermed_core as core
+        from .engine.distributed import init_distributed
         from .mermed_data import BalancedModalitySampler, CropSpec, MultiCropDataset, mermed_samples
         from .mermed_model import build_nets
 
@@ -137,16 +140,11 @@ class Trainer:
         self.core = core
         if args.threads:
             torch.set_num_threads(args.threads)
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        want_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu"
-        self.device = torch.device(f"cuda:{self.local_rank}" if want_cuda else "cpu")
-        if want_cuda:
-            torch.cuda.set_device(self.device)
-        self.distributed = self.world > 1
-        if self.distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if want_cuda else "gloo")
+        self.dist = d = init_distributed(args.device)
+        self.world, self.rank = d.world_size, d.rank
+        self.device = d.device
+        want_cuda = self.device.type == "cuda"
+        self.distributed = d.active
         preset = dict(PRESETS[args.preset])
         for key, val in (("batch_size", args.batch_size), ("epochs", args.epochs),
                          ("memory", args.memory_size), ("blocks", args.blocks),
@@ -157,9 +155,15 @@ class Trainer:
         self.preset = preset
         self.hp = dict(COMMON)
         self.out = Path(args.out)
-        self.ckpt_root = self.out / "checkpoints"
-        if self.rank == 0:
-            self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        from .engine.checkpoint import CheckpointManager
+        from .engine.loop import _check_out
+
+        _check_out(self.out, bool(args.resume), d)  # never overwrites a run without --resume
+        if d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        d.barrier()
+        self.ckpt = CheckpointManager(self.out / "checkpoints", d, int(args.keep))
+        self.ckpt.clean_partial()
 
         samples = mermed_samples(args.data)
         self.modalities = sorted({s.modality for s in samples})
@@ -194,6 +198,7 @@ class Trainer:
         self.depth = int(preset["vit"]["depth"])
         self.student = student.to(self.device)
         self.teacher = teacher.to(self.device)
+        self.pair = torch.nn.ModuleDict({"student": self.student, "teacher": self.teacher})
         groups = core.param_groups(self.student.named_parameters(), self.depth,
                                    self.hp["layer_decay"])
         for g in groups:
@@ -208,6 +213,7 @@ class Trainer:
             self.student_ddp = self.student
         self.bank = core.MemoryBank(K, preset["head_out"], seed=args.seed, device=self.device)
         self.step = 0
+        self.last: dict[str, Any] = {}
         torch.manual_seed(args.seed * 1000 + self.rank + 1)  # per-rank stream (drop path)
         if args.resume:
             self._load_latest()
@@ -215,7 +221,6 @@ class Trainer:
 
         self.metrics = MetricsLogger(self.out, self.rank == 0, False,
                                      self.step if args.resume else None)
-        self.last: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ schedules
     def schedules(self, step: int) -> dict[str, float]:
@@ -254,7 +259,6 @@ class Trainer:
     def run(self) -> None:
         import torch
 
-        core = self.core
         if self.step >= self.max_steps:
             self._export()
             return
@@ -263,6 +267,21 @@ class Trainer:
         torch.set_rng_state(rng)  # creating the loader iterator draws from the RNG
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
             else torch.autocast("cpu", enabled=False)
+        from .engine.loop import _Stop
+
+        stop = _Stop()
+        stop.install()  # SIGTERM (pre-emption): save at the end of this step and exit
+        try:
+            self._loop(loader, autocast, stop)
+        finally:
+            stop.restore()
+        if not stop.requested:
+            self._export()
+
+    def _loop(self, loader: Any, autocast: Any, stop: Any) -> None:
+        import torch
+
+        core = self.core
         while self.step < self.max_steps:
             t0 = time.perf_counter()
             step = self.step
@@ -296,9 +315,15 @@ class Trainer:
                                          "time_s": dt})
             if self.rank == 0 and (step % 10 == 0 or self.step == self.max_steps):
                 log.info("step %d/%d loss %.4f lr %.2e", self.step, self.total, loss_v, sch["lr"])
-            if self.step % self.args.save_every == 0 or self.step == self.max_steps:
+            saved = self.step % self.args.save_every == 0 or self.step == self.max_steps
+            if saved:
                 self._save()
-        self._export()
+            if self.dist.any(stop.requested):
+                if not saved:
+                    self._save()
+                if self.rank == 0:
+                    log.warning("SIGTERM: saved step %d, exiting", self.step)
+                return
 
     def _mean(self, x) -> float:
         import torch.distributed as dist
@@ -310,83 +335,42 @@ class Trainer:
         return float(x)
 
     # ------------------------------------------------------------------ checkpoints
-    def _state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
-            "teacher": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "memory": self.bank.state_dict(),
-            "sampler": self.sampler.state_at(self.step),
-            "config": {"preset": self.args.preset, "seed": self.args.seed,
-                       "world_size": self.world, "global_batch": self.global_batch,
-                       "total_steps": self.total},
-        }
-
-    def _rng_state(self) -> dict[str, Any]:
-        import torch
-
-        st = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            st["cuda"] = torch.cuda.get_rng_state(self.device)
-        return st
-
-    def _barrier(self) -> None:
-        import torch.distributed as dist
-
-        if self.distributed:
-            dist.barrier()
+    # The engine's DCP step folders (trainers/engine/checkpoint.py): student + teacher +
+    # optimizer + memory bank through DCP, per-rank RNG states, the sampler position and the
+    # run's shape in trainer_state.json; atomic, the latest --keep kept.
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_at(self.step), "last": self.last,
+                "config": {"preset": self.args.preset, "seed": self.args.seed,
+                           "world_size": self.world, "global_batch": self.global_batch,
+                           "total_steps": self.total}}
 
     def _save(self) -> None:
-        final = _step_dir(self.ckpt_root, self.step)
-        tmp = self.ckpt_root / f".tmp-step-{self.step:08d}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        _atomic_torch_save(self._rng_state(), tmp / f"rng-rank{self.rank}.pt")
-        if self.rank == 0:
-            _atomic_torch_save(self._state(), tmp / "state.pt")
-        self._barrier()
-        if self.rank == 0:
-            (tmp / "COMPLETE").write_text(json.dumps({"step": self.step,
-                                                      "world_size": self.world}) + "\n")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # the folder appears complete or not at all
-            for _, old in complete_checkpoints(self.ckpt_root)[:-max(1, self.args.keep)]:
-                shutil.rmtree(old, ignore_errors=True)
-            for d in self.ckpt_root.glob(".tmp-step-*"):
-                shutil.rmtree(d, ignore_errors=True)
-        self._barrier()
+        self.ckpt.save(self.step, self.pair, self.optimizer, self._trainer_state(),
+                       {"memory": self.bank.state_dict()})
+
+    def _barrier(self) -> None:
+        self.dist.barrier()
 
     def _load_latest(self) -> None:
-        import torch
-
         from napari_medfm.errors import MedfmError
 
-        found = complete_checkpoints(self.ckpt_root)
-        if not found:
+        found = self.ckpt.latest()
+        if found is None:
             log.warning("--resume: no complete checkpoint in %s, starting from step 0",
-                        self.ckpt_root)
+                        self.ckpt.root)
             return
-        step, d = found[-1]
-        st = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
-        cfg = st["config"]
+        _, d = found
+        state = json.loads((d / "trainer_state.json").read_text())
+        cfg = state["config"]
         if cfg["global_batch"] != self.global_batch:
             raise MedfmError(f"{d}: saved with global batch {cfg['global_batch']}, this run has "
                              f"{self.global_batch}")
-        self.student.load_state_dict(st["student"], strict=True)
-        self.teacher.load_state_dict(st["teacher"], strict=True)
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.bank.load_state_dict(st["memory"])
-        self.sampler.load_state_dict(st["sampler"])
-        self.step = int(st["step"])
-        rng_file = d / f"rng-rank{self.rank}.pt"
-        if rng_file.is_file() and cfg["world_size"] == self.world:
-            rng = torch.load(rng_file, weights_only=True)
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        rstate = {"memory": self.bank.state_dict()}
+        loaded = self.ckpt.load(d, self.pair, self.optimizer, rstate, seed=int(self.args.seed))
+        self.bank.load_state_dict(rstate["memory"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = loaded.step
+        self.last = dict(state.get("last") or {})
         log.info("resumed from %s (step %d)", d, self.step)
 
     # ------------------------------------------------------------------ export
@@ -399,12 +383,12 @@ class Trainer:
         self._barrier()
 
     def close(self) -> None:
-        import torch.distributed as dist
+        from .engine.distributed import shutdown
 
         if hasattr(self, "metrics"):
             self.metrics.close()
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        if hasattr(self, "dist"):
+            shutdown(self.dist)
 
 
 def export_release_layout(teacher: Any, folder: Path, *, preset_name: str, preset: dict[str, Any],
