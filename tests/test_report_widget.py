@@ -140,3 +140,20 @@ def test_question_and_findings_inserted(make_napari_viewer, qtbot):
     assert w.result.prompt == "Is there ascites?"
     assert "- ascites: 0.91" in w.editor.toPlainText()
     assert w.result.findings == [{"finding": "ascites", "probability": 0.91}]
+
+
+def test_dock_recovers_after_a_run_that_fails_at_once(make_napari_viewer, qtbot, tmp_path):
+    """Missing weights fail in the worker within milliseconds: the dock still learns that the
+    worker finished (its slot is connected before the worker starts) and can run again."""
+    from napari_medfm.widgets.report import ReportWidget
+
+    viewer = make_napari_viewer()
+    _add_dicom_ct(viewer)
+    w = ReportWidget(viewer)
+    w.set_model("merlin-report")
+    w.weights_edit.setText(str(tmp_path / "no-such-model"))
+    w.device_combo.setCurrentText("cpu")
+    for _ in range(3):
+        assert w.run() is not None
+        qtbot.waitUntil(lambda: w.worker is None, timeout=30_000)
+        assert w.status.text().startswith("Error:") and w.run_button.isEnabled()

@@ -62,6 +62,7 @@ def start_task(
     on_error: Callable[[BaseException], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     on_aborted: Callable[[], None] | None = None,
+    on_finished: Callable[[], None] | None = None,
     description: str = "medfm",
     progress: bool = True,
 ) -> Any:
@@ -109,6 +110,8 @@ def start_task(
         worker.errored.connect(on_error)
     if on_aborted is not None:
         worker.aborted.connect(on_aborted)
+    if on_finished is not None:  # connected before start: a worker that fails at once still
+        worker.finished.connect(on_finished)  # reaches it (a later connect could miss it)
     _track(worker)
     worker.start()
     return worker

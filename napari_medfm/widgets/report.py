@@ -330,8 +330,8 @@ class ReportWidget(QWidget):
         self.status.setText(f"Loading {model_id} for {names}...")
         self.worker = start_task(_task, on_result=self._on_result, on_error=self._on_error,
                                  on_progress=self._on_progress, on_aborted=self._on_aborted,
+                                 on_finished=self._on_finished,
                                  description=f"report {model_id}", progress=False)
-        self.worker.finished.connect(self._on_finished)
         return self.worker
 
     def cancel(self) -> None:

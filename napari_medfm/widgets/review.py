@@ -257,10 +257,11 @@ class ReviewWidget(QWidget):
 
     def _start(self, gen_factory: Any, on_result: Any, description: str) -> Any:
         block_triton_in_gui()
+        box: list[Any] = []  # filled before the event loop can deliver ``finished``
         w = start_task(gen_factory, on_result=on_result, on_error=self._on_error,
-                       description=description)
+                       on_finished=lambda: self._on_finished(box[0]), description=description)
+        box.append(w)
         self.worker = w
-        w.finished.connect(lambda w=w: self._on_finished(w))
         self._update_buttons()
         return w
 

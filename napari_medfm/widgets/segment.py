@@ -218,8 +218,8 @@ class SegmentWidget(QWidget):
         self.status.setText(f"Segmenting {layer.name} with {model}...")
         self.worker = start_task(_task, on_result=self._on_result, on_error=self._on_error,
                                  on_progress=self._on_progress, on_aborted=self._on_aborted,
+                                 on_finished=self._on_finished,
                                  description=f"segment {model}", progress=False)
-        self.worker.finished.connect(self._on_finished)
         return self.worker
 
     def _bundle_trusted(self, model: str) -> bool:
