@@ -19,3 +19,10 @@ def test_all_medfm_docks_share_one_tabbed_area(make_napari_viewer):
     main = docks[0].parentWidget()
     tabbed = set(main.tabifiedDockWidgets(docks[0]))
     assert set(docks[1:]) <= tabbed  # generic: every MedFM dock (a Report or Review one too)
+    # room for the scan: no MedFM dock asks for more than the tab area's 360 px, and the tabs
+    # carry the docks' own names (napari's " (napari-medfm)" suffix made Review and Report
+    # both elide to "R...")
+    for dock in docks:
+        assert dock.widget().minimumSizeHint().width() <= 360, dock.windowTitle()
+        assert "napari-medfm" not in dock.windowTitle()
+    assert {d.windowTitle() for d in docks} >= {"Review", "Report", "Segmentation"} & set(docked)

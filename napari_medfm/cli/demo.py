@@ -77,6 +77,17 @@ def tabify_docks(docks: list[Any], width: int = 360) -> None:
         from qtpy.QtCore import Qt
 
         main.resizeDocks([docks[0]], [width], Qt.Orientation.Horizontal)
+        from qtpy.QtWidgets import QTabBar
+
+        # tabs named by the dock alone: with napari's " (napari-medfm)" suffix six tabs elide
+        # to "R..." for both Review and Report
+        for dock in docks:
+            title = dock.windowTitle()
+            if title.endswith(")") and " (" in title:
+                dock.setWindowTitle(title[:title.rindex(" (")])
+        for bar in main.findChildren(QTabBar):  # whole names, scroll arrows when they overflow
+            bar.setElideMode(Qt.TextElideMode.ElideNone)
+            bar.setUsesScrollButtons(True)
     except Exception:  # noqa: BLE001 - cosmetic
         log.debug("could not resize the MedFM dock area", exc_info=True)
 

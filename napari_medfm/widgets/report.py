@@ -124,7 +124,8 @@ class ReportWidget(QWidget):
         self.tokens_spin.setRange(0, 4096)
         self.tokens_spin.setSpecialValueText("model default")
         self.tokens_spin.setToolTip("cap on new tokens (merlin-report: per organ)")
-        self.findings_check = QCheckBox("Insert the Findings dock's probabilities")
+        self.findings_check = QCheckBox("Insert findings")
+        self.findings_check.setToolTip("append the Findings dock's probabilities to the draft")
 
         self.run_button = QPushButton("Generate")
         self.stop_button = QPushButton("Stop")

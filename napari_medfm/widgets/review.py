@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
+    QGridLayout,
     QHBoxLayout,
     QInputDialog,
     QLabel,
@@ -119,6 +120,10 @@ class ReviewWidget(QWidget):
         self.verdict_label.setWordWrap(True)
         self.save_edit_button = QPushButton("Save edit (new version)")
         self.model_combo = QComboBox()
+        # long model ids must not widen the dock (the canvas keeps the room)
+        self.model_combo.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.model_combo.setMinimumContentsLength(12)
         self.run_model_button = QPushButton("Run model on this case")
         self.findings_table = QTableWidget(0, 2)
         self.findings_table.setHorizontalHeaderLabels(["finding", "probability"])
@@ -141,10 +146,10 @@ class ReviewWidget(QWidget):
         self.status.setWordWrap(True)
         self.export_button = QPushButton("Export CSV...")
 
-        top = QHBoxLayout()
-        top.addWidget(self.open_button)
-        top.addWidget(self.store_button)
-        top.addWidget(self.export_button)
+        top = QGridLayout()  # two columns: the dock stays narrow enough to leave the canvas room
+        top.addWidget(self.open_button, 0, 0)
+        top.addWidget(self.store_button, 0, 1)
+        top.addWidget(self.export_button, 1, 0, 1, 2)
         nav = QHBoxLayout()
         nav.addWidget(self.prev_button)
         nav.addWidget(self.jump_spin)
