@@ -260,3 +260,17 @@ def test_export_loads_strictly_through_medfm_embed(reference, manifest, tmp_path
                       device="cpu")
     np.testing.assert_allclose(enc2.embed(image)["image_embedding"], got,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_torchrun_script_entry_from_another_folder(manifest, tmp_path):
+    """The contract's own command, ``torchrun trainers/mermed.py ...``, run from outside the
+    checkout (the script makes the package importable itself)."""
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           str(ROOT / "trainers" / "mermed.py"), "--data", str(manifest), "--out", str(out),
+           *BASE, "--max-steps", "1"]
+    env = _env()
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "export" / "MerMED.pth").is_file()

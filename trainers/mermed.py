@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__" and __package__ in (None, ""):  # `torchrun trainers/mermed.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 log = logging.getLogger("trainers.mermed")
 
 _TINY_VIT = {"img_size": 64, "patch_size": 16, "embed_dim": 128, "depth": 2, "num_heads": 2,
@@ -108,7 +111,7 @@ def read_checkpoint(step_dir: str | Path) -> dict[str, Any]:
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from .engine.checkpoint import COMPLETE, STATE
+    from trainers.engine.checkpoint import COMPLETE, STATE
 
     step_dir = Path(step_dir)
     if not (step_dir / COMPLETE).is_file():
@@ -130,11 +133,15 @@ class Trainer:
         import torch
 
         from napari_medfm.errors import MedfmError
-
-        from . import mermed_core as core
-        from .engine.distributed import init_distributed
-        from .mermed_data import BalancedModalitySampler, CropSpec, MultiCropDataset, mermed_samples
-        from .mermed_model import build_nets
+        from trainers import mermed_core as core
+        from trainers.engine.distributed import init_distributed
+        from trainers.mermed_data import (
+            BalancedModalitySampler,
+            CropSpec,
+            MultiCropDataset,
+            mermed_samples,
+        )
+        from trainers.mermed_model import build_nets
 
         self.args = args
         self.core = core
@@ -155,8 +162,8 @@ class Trainer:
         self.preset = preset
         self.hp = dict(COMMON)
         self.out = Path(args.out)
-        from .engine.checkpoint import CheckpointManager
-        from .engine.loop import _check_out
+        from trainers.engine.checkpoint import CheckpointManager
+        from trainers.engine.loop import _check_out
 
         _check_out(self.out, bool(args.resume), d)  # never overwrites a run without --resume
         if d.is_main:
@@ -217,7 +224,7 @@ class Trainer:
         torch.manual_seed(args.seed * 1000 + self.rank + 1)  # per-rank stream (drop path)
         if args.resume:
             self._load_latest()
-        from .engine.metrics import MetricsLogger
+        from trainers.engine.metrics import MetricsLogger
 
         self.metrics = MetricsLogger(self.out, self.rank == 0, False,
                                      self.step if args.resume else None)
@@ -238,7 +245,7 @@ class Trainer:
     def _loader(self):
         import torch
 
-        from .mermed_data import collate
+        from trainers.mermed_data import collate
 
         workers = int(self.preset["workers"])
         return torch.utils.data.DataLoader(
@@ -267,7 +274,7 @@ class Trainer:
         torch.set_rng_state(rng)  # creating the loader iterator draws from the RNG
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
             else torch.autocast("cpu", enabled=False)
-        from .engine.loop import _Stop
+        from trainers.engine.loop import _Stop
 
         stop = _Stop()
         stop.install()  # SIGTERM (pre-emption): save at the end of this step and exit
@@ -383,7 +390,7 @@ class Trainer:
         self._barrier()
 
     def close(self) -> None:
-        from .engine.distributed import shutdown
+        from trainers.engine.distributed import shutdown
 
         if hasattr(self, "metrics"):
             self.metrics.close()
@@ -418,8 +425,8 @@ def export_release_layout(teacher: Any, folder: Path, *, preset_name: str, prese
     meta = {"format": "pt", "medfm_model": "mermed", "vit_config": json.dumps(vit_cfg),
             "checkpoint_key": "teacher", "step": str(step)}
     atomic_write(st, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    from .engine.export import write_model_card
-    from .engine.manifest import manifest_sha256
+    from trainers.engine.export import write_model_card
+    from trainers.engine.manifest import manifest_sha256
 
     card_path = folder / "model_card.json"
     write_model_card(

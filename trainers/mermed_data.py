@@ -36,8 +36,7 @@ import torch
 
 from napari_medfm.errors import MedfmError
 from napari_medfm.models import encoder2d
-
-from .mermed_core import _generator
+from trainers.mermed_core import _generator
 
 # ---------------------------------------------------------------------------- manifest
 
@@ -95,7 +94,7 @@ def check_row(row: Any) -> list[str]:
 def mermed_samples(path: str | Path) -> list[Sample]:
     """The manifest's training rows (split train/empty), validated by the engine's manifest
     checker: every bad row is reported at once, before anything is written."""
-    from .engine.manifest import validate_manifest
+    from trainers.engine.manifest import validate_manifest
 
     rows = validate_manifest(path, ("image", "modality"), ("split",), check_row=check_row)
     return [Sample(str(r.path("image")), encoder2d.canonical_modality(r["modality"]))

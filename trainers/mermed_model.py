@@ -88,7 +88,7 @@ def build_nets(preset: dict[str, Any], *, drop_path: float, init: str | None = N
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     elif global_bn == "allreduce":  # CPU / gloo, where SyncBatchNorm cannot run
-        from .engine import convert_batchnorm
+        from trainers.engine import convert_batchnorm
 
         student = convert_batchnorm(student)
         teacher = convert_batchnorm(teacher)

@@ -130,8 +130,7 @@ def encode_sample(cfg: Any, sp: Any, question: str, answer: str, n_images: int,
                   ) -> tuple[list[int], list[int], list[float]]:
     """(input_ids, labels, weights) of one sample (see the module docstring)."""
     from napari_medfm.models.radfm.model import interleaved_ids
-
-    from .radfm_loss import token_weights
+    from trainers.radfm_loss import token_weights
 
     prompt = interleaved_ids(cfg, lambda t: list(sp.encode(t)), question, n_images)
     proto = sp.encode(answer.strip(), return_type="proto")
