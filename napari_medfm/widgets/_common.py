@@ -177,3 +177,16 @@ def refill_combo(combo: Any, names: Any, keep: str | None = None) -> None:
 def layer_named(layers: Any, name: str) -> Any | None:
     """The first layer of ``layers`` called ``name`` (``None`` if none)."""
     return next((lyr for lyr in layers if lyr.name == name), None)
+
+
+def hbox(*items: Any) -> Any:
+    """A ``QHBoxLayout`` holding ``items`` in order: widgets, or ``(widget, stretch)`` pairs."""
+    from qtpy.QtWidgets import QHBoxLayout
+
+    row = QHBoxLayout()
+    for item in items:
+        if isinstance(item, tuple):
+            row.addWidget(*item)
+        else:
+            row.addWidget(item)
+    return row

@@ -30,7 +30,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QHeaderView,
     QLabel,
     QLineEdit,
@@ -45,7 +44,7 @@ from qtpy.QtWidgets import (
 
 from ..io.types import MedicalImage
 from ..progress import Progress
-from ._common import format_error, layer_named, refill_combo, start_task
+from ._common import format_error, hbox, layer_named, refill_combo, start_task
 
 _COLUMNS = ("Kind", "Name", "Probability", "")
 _BAR = 20
@@ -197,21 +196,15 @@ class FindingsWidget(QWidget):
         form.addRow("Image layer", self.layer_combo)
         form.addRow("Region", self.region_combo)
         form.addRow("Model", self.model_combo)
-        wrow = QHBoxLayout()
-        wrow.addWidget(self.weights_edit)
-        wrow.addWidget(self.weights_button)
+        wrow = hbox(self.weights_edit, self.weights_button)
         form.addRow(self.weights_label, wrow)
         form.addRow(self.tokenizer_label, self.tokenizer_edit)
         form.addRow("Prompts", self.prompts_edit)
         form.addRow("Image is", self.modality_combo)
         form.addRow("Device", self.device_combo)
         form.addRow(self.topk_label, self.topk_spin)
-        runrow = QHBoxLayout()
-        runrow.addWidget(self.run_button)
-        runrow.addWidget(self.cancel_button)
-        outrow = QHBoxLayout()
-        for b in (self.why_button, self.copy_button, self.export_button):
-            outrow.addWidget(b)
+        runrow = hbox(self.run_button, self.cancel_button)
+        outrow = hbox(*(self.why_button, self.copy_button, self.export_button))
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(runrow)

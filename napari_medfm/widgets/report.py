@@ -23,7 +23,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QListWidget,
@@ -39,7 +38,7 @@ from ..errors import MedfmError
 from ..io.sr import BANNER
 from ..io.types import MedicalImage
 from ..progress import Progress
-from ._common import format_error, start_task
+from ._common import format_error, hbox, start_task
 
 __all__ = ["ReportWidget"]
 
@@ -147,21 +146,15 @@ class ReportWidget(QWidget):
         form = QFormLayout()
         form.addRow("Image layer(s)", self.layer_list)
         form.addRow("Model", self.model_combo)
-        wrow = QHBoxLayout()
-        wrow.addWidget(self.weights_edit)
-        wrow.addWidget(self.weights_button)
+        wrow = hbox(self.weights_edit, self.weights_button)
         form.addRow("Weights", wrow)
         form.addRow("Device", self.device_combo)
         form.addRow("Template", self.template_combo)
         form.addRow("Question", self.question_edit)
         form.addRow("Max new tokens", self.tokens_spin)
         form.addRow("", self.findings_check)
-        run_row = QHBoxLayout()
-        run_row.addWidget(self.run_button)
-        run_row.addWidget(self.stop_button)
-        save_row = QHBoxLayout()
-        for b in self._export_buttons():
-            save_row.addWidget(b)
+        run_row = hbox(self.run_button, self.stop_button)
+        save_row = hbox(*self._export_buttons())
         layout = QVBoxLayout(self)
         layout.addWidget(self.banner)
         layout.addLayout(form)

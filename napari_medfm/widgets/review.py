@@ -24,7 +24,6 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QGridLayout,
-    QHBoxLayout,
     QInputDialog,
     QLabel,
     QLineEdit,
@@ -42,7 +41,7 @@ from ..errors import MedfmError
 from ..io.types import MedicalImage
 from ..tasks.review import OUTPUTS, VERDICTS, ReviewStore
 from . import block_triton_in_gui
-from ._common import format_error, layer_named, refill_combo, start_task
+from ._common import format_error, hbox, layer_named, refill_combo, start_task
 
 _SEG_HEADERS = ("label", "dice", "hd95 mm", "asd mm", "vol pred mL", "vol ref mL")
 
@@ -150,21 +149,13 @@ class ReviewWidget(QWidget):
         top.addWidget(self.open_button, 0, 0)
         top.addWidget(self.store_button, 0, 1)
         top.addWidget(self.export_button, 1, 0, 1, 2)
-        nav = QHBoxLayout()
-        nav.addWidget(self.prev_button)
-        nav.addWidget(self.jump_spin)
-        nav.addWidget(self.jump_button)
-        nav.addWidget(self.next_button)
-        verdicts = QHBoxLayout()
-        for b in self.verdict_buttons.values():
-            verdicts.addWidget(b)
+        nav = hbox(self.prev_button, self.jump_spin, self.jump_button, self.next_button)
+        verdicts = hbox(*self.verdict_buttons.values())
         form = QFormLayout()
         form.addRow("Reviewer", self.reviewer_edit)
         form.addRow("Output", self.output_combo)
         form.addRow("Note", self.note_edit)
-        model_row = QHBoxLayout()
-        model_row.addWidget(self.model_combo)
-        model_row.addWidget(self.run_model_button)
+        model_row = hbox(self.model_combo, self.run_model_button)
         cmp_form = QFormLayout()
         cmp_form.addRow("Prediction", self.pred_combo)
         cmp_form.addRow("Reference", self.ref_combo)
@@ -187,9 +178,7 @@ class ReviewWidget(QWidget):
         layout.addWidget(self.compare_button)
         layout.addWidget(self.seg_table)
         layout.addWidget(self.findings_button)
-        plots = QHBoxLayout()
-        plots.addWidget(self.plot_label)
-        plots.addWidget(self.calibration_label)
+        plots = hbox(self.plot_label, self.calibration_label)
         layout.addLayout(plots)
         layout.addWidget(self.status)
 

@@ -21,7 +21,6 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
@@ -38,6 +37,7 @@ from ..progress import Progress
 from ..tasks.segment import BUNDLE_PREFIX, SegmentSettings, bundle_folder, segmenter_choices
 from ._common import (
     format_error,
+    hbox,
     image_from_layer,
     layer_named,
     refill_combo,
@@ -113,12 +113,8 @@ class SegmentWidget(QWidget):
         form.addRow("Window (voxels)", self.roi_spin)
         form.addRow("Overlap", self.overlap_spin)
         form.addRow("Windows per batch", self.batch_spin)
-        run_row = QHBoxLayout()
-        run_row.addWidget(self.run_button)
-        run_row.addWidget(self.cancel_button)
-        save_row = QHBoxLayout()
-        for b in (self.save_csv_button, self.save_nifti_button, self.save_seg_button):
-            save_row.addWidget(b)
+        run_row = hbox(self.run_button, self.cancel_button)
+        save_row = hbox(*(self.save_csv_button, self.save_nifti_button, self.save_seg_button))
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(run_row)

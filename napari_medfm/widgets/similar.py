@@ -24,7 +24,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QListView,
@@ -40,7 +39,7 @@ from ..errors import MedfmError
 from ..geometry import geometry_of_layer
 from ..io.types import MedicalImage
 from ..progress import Progress
-from ._common import format_error, start_task
+from ._common import format_error, hbox, start_task
 
 _NONE = "(whole image)"
 _ANY = "(any)"
@@ -143,9 +142,7 @@ class SimilarCasesWidget(QWidget):
         self.gallery.setWordWrap(True)
         self.gallery.setGridSize(QSize(128, 150))
 
-        row = QHBoxLayout()
-        row.addWidget(self.index_edit)
-        row.addWidget(self.browse_button)
+        row = hbox(self.index_edit, self.browse_button)
         form = QFormLayout()
         form.addRow("Index", row)
         form.addRow("", self.index_info)
@@ -156,12 +153,8 @@ class SimilarCasesWidget(QWidget):
         form.addRow("Only modality", self.modality_combo)
         form.addRow("Label", self.label_edit)
         form.addRow("Weights", self.weights_edit)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.search_button)
-        buttons.addWidget(self.cancel_button)
-        text_row = QHBoxLayout()
-        text_row.addWidget(self.text_edit, 1)
-        text_row.addWidget(self.text_button)
+        buttons = hbox(self.search_button, self.cancel_button)
+        text_row = hbox((self.text_edit, 1), self.text_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)

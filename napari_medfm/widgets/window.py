@@ -12,7 +12,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QPushButton,
     QVBoxLayout,
@@ -29,6 +28,7 @@ from ..windowing import (
     limits_to_window,
     resolve_window,
 )
+from ._common import hbox
 
 _ACTIVE = "(active image layer)"
 
@@ -68,9 +68,7 @@ class WindowWidget(QWidget):
         form.addRow("Preset", self.preset_combo)
         form.addRow("Centre (L)", self.center_spin)
         form.addRow("Width (W)", self.width_spin)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.apply_button)
-        buttons.addWidget(self.set_button)
+        buttons = hbox(self.apply_button, self.set_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
