@@ -122,15 +122,22 @@ def reference(manifest, tmp_path_factory) -> Path:
     return out
 
 
-def test_sigkill_then_resume_equals_uninterrupted(manifest, reference, tmp_path):
-    out = tmp_path / "killed"
+def _start_until_checkpoint(manifest: Path, out: Path, step: int) -> subprocess.Popen:
+    """Start the 8-step reference run in the background; return once step ``step``'s
+    checkpoint is complete (or the run ended)."""
     proc = subprocess.Popen(_cmd(manifest, out, "--max-steps", "8", "--drop-path", "0.1"),
                             env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    target = out / "checkpoints" / "step-00000004" / "COMPLETE"
+    marker = out / "checkpoints" / f"step-{step:08d}" / "COMPLETE"
     deadline = time.monotonic() + 240
-    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    return proc
+
+
+def test_sigkill_then_resume_equals_uninterrupted(manifest, reference, tmp_path):
+    out = tmp_path / "killed"
+    proc = _start_until_checkpoint(manifest, out, 4)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
@@ -159,13 +166,7 @@ def test_sigterm_saves_exits_cleanly_and_resume_equals_uninterrupted(manifest, r
     """Pre-emption: SIGTERM saves the step it is on and exits 0 without exporting; --resume
     ends where the uninterrupted run ends."""
     out = tmp_path / "preempted"
-    proc = subprocess.Popen(_cmd(manifest, out, "--max-steps", "8", "--drop-path", "0.1"),
-                            env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    first = out / "checkpoints" / "step-00000002" / "COMPLETE"
-    deadline = time.monotonic() + 240
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    proc = _start_until_checkpoint(manifest, out, 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0 and (out / "export").exists():
