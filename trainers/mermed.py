@@ -163,9 +163,9 @@ class Trainer:
         self.hp = dict(COMMON)
         self.out = Path(args.out)
         from trainers.engine.checkpoint import CheckpointManager
-        from trainers.engine.loop import _check_out
+        from trainers.engine.loop import check_out
 
-        _check_out(self.out, bool(args.resume), d)  # never overwrites a run without --resume
+        check_out(self.out, bool(args.resume), d)  # never overwrites a run without --resume
         if d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         d.barrier()
@@ -274,9 +274,9 @@ class Trainer:
         torch.set_rng_state(rng)  # creating the loader iterator draws from the RNG
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
             else torch.autocast("cpu", enabled=False)
-        from trainers.engine.loop import _Stop
+        from trainers.engine.loop import StopOnSigterm
 
-        stop = _Stop()
+        stop = StopOnSigterm()
         stop.install()  # SIGTERM (pre-emption): save at the end of this step and exit
         try:
             self._loop(loader, autocast, stop)

@@ -204,7 +204,7 @@ class FindingsWidget(QWidget):
         form.addRow("Device", self.device_combo)
         form.addRow(self.topk_label, self.topk_spin)
         runrow = hbox(self.run_button, self.cancel_button)
-        outrow = hbox(*(self.why_button, self.copy_button, self.export_button))
+        outrow = hbox(self.why_button, self.copy_button, self.export_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(runrow)

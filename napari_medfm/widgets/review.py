@@ -251,10 +251,13 @@ class ReviewWidget(QWidget):
 
     def _start(self, gen_factory: Any, on_result: Any, description: str) -> Any:
         block_triton_in_gui()
-        box: list[Any] = []  # filled before the event loop can deliver ``finished``
+        w: Any = None
+
+        def finished() -> None:  # runs from the event loop, after ``w`` is assigned below
+            self._on_finished(w)
+
         w = start_task(gen_factory, on_result=on_result, on_error=self._on_error,
-                       on_finished=lambda: self._on_finished(box[0]), description=description)
-        box.append(w)
+                       on_finished=finished, description=description)
         self.worker = w
         self._update_buttons()
         return w

@@ -114,7 +114,7 @@ class SegmentWidget(QWidget):
         form.addRow("Overlap", self.overlap_spin)
         form.addRow("Windows per batch", self.batch_spin)
         run_row = hbox(self.run_button, self.cancel_button)
-        save_row = hbox(*(self.save_csv_button, self.save_nifti_button, self.save_seg_button))
+        save_row = hbox(self.save_csv_button, self.save_nifti_button, self.save_seg_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(run_row)

@@ -108,7 +108,9 @@ def _batch_sizes(cfg: dict[str, Any], world: int) -> tuple[int, int, int]:
 
 
 # ------------------------------------------------------------------------------- the run
-class _Stop:
+class StopOnSigterm:
+    """``requested`` turns true on SIGTERM (install/restore the handler around the loop)."""
+
     def __init__(self) -> None:
         self.requested = False
         self._old: Any = None
@@ -126,7 +128,8 @@ class _Stop:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def _check_out(out: Path, resume: bool, d: Dist) -> None:
+def check_out(out: Path, resume: bool, d: Dist) -> None:
+    """Refuse (before anything is written) a run folder that holds a run, unless resuming."""
     from .checkpoint import complete_checkpoints
 
     busy = (out / "metrics.csv").exists() or bool(complete_checkpoints(out / "checkpoints")) \
@@ -139,7 +142,7 @@ def _check_out(out: Path, resume: bool, d: Dist) -> None:
 def run(recipe: Recipe, args: argparse.Namespace) -> dict[str, Any]:
     """Train with ``recipe`` as ``args`` says. Returns a summary (rank 0: final metrics)."""
     d = init_distributed(args.device)
-    stop = _Stop()
+    stop = StopOnSigterm()
     stop.install()
     try:
         return _run(recipe, args, d, stop)
@@ -162,14 +165,14 @@ def _validated(recipe: Recipe, args: argparse.Namespace, cfg: dict[str, Any], d:
     return d.broadcast_object(rows)
 
 
-def _run(recipe: Recipe, args: argparse.Namespace, d: Dist, stop: _Stop) -> dict[str, Any]:
+def _run(recipe: Recipe, args: argparse.Namespace, d: Dist, stop: StopOnSigterm) -> dict[str, Any]:
     flags = {"train.max_steps": args.max_steps, "train.save_every": args.save_every,
              "train.seed": args.seed, **recipe.flags_to_config(args)}
     cfg = C.resolve(recipe.presets, args.preset, args.config, args.overrides, flags)
     cfg["recipe"] = recipe.name
     t = cfg["train"]
     out = Path(args.out)
-    _check_out(out, args.resume, d)
+    check_out(out, args.resume, d)
     if args.resume and (out / "config.yaml").is_file():
         C.check_resume_compatible(C.load_file(out / "config.yaml"), cfg)
     rows = _validated(recipe, args, cfg, d)  # before anything is written
