@@ -275,3 +275,15 @@ def test_torchrun_script_entry_from_another_folder(manifest, tmp_path):
     r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "export" / "MerMED.pth").is_file()
+
+
+def test_existing_run_is_not_overwritten_without_resume(manifest, reference):
+    """A second run into a folder that holds one fails before writing, naming --resume; the
+    first run's checkpoints, metrics and export are untouched."""
+    before = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
+    r = subprocess.run(_cmd(manifest, reference, "--max-steps", "2"), env=_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0
+    assert "already holds a run" in r.stderr and "--resume" in r.stderr
+    after = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
+    assert after == before
