@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import iu_report_texts  # noqa: E402
+from _common import corpus_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,7 +57,10 @@ BENCH_CONFIG = {  # tiny, but large enough that the decoder dominates a step
 
 
 def _texts() -> list[str]:
-    texts = iu_report_texts()
+    from napari_medfm.models.merlin_report.testing import report_corpus
+
+    folder = corpus_dir() / "cxr" / "reports_iu_xray"
+    texts = report_corpus(folder) if folder.is_dir() else []
     if not texts:
         texts = [f"The heart size is normal. No pleural effusion number {i}." for i in range(50)]
     return texts

@@ -21,16 +21,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    import xml.etree.ElementTree as ET
-
     import sentencepiece as spm
 
+    from napari_medfm.models.merlin_report.testing import report_corpus
     from napari_medfm.models.radfm.testing import tiny_config, train_tokenizer, write_model_folder
 
-    texts = []
-    for f in sorted(real_path("cxr/reports_iu_xray").glob("*.xml")):
-        texts += [n.text.strip() for n in ET.parse(f).getroot().iter("AbstractText")
-                  if n.text and n.text.strip()]
+    texts = report_corpus(real_path("cxr/reports_iu_xray"))
     d = tmp_path_factory.mktemp("radfm-report")
     tok = train_tokenizer(texts, d / "tok.model", vocab_size=400)
     vocab = spm.SentencePieceProcessor(model_file=str(tok)).get_piece_size()
