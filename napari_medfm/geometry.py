@@ -134,7 +134,7 @@ class Geometry:
         """Inverse of :meth:`napari_affine`: recover the geometry from a layer's affine.
 
         ``affine`` is the (ndim+1)x(ndim+1) matrix of napari's ``layer.affine.affine_matrix``
-        combined with scale/translate (use :func:`napari_medfm.geometry.layer_data_to_world_matrix`
+        combined with scale/translate (use :func:`napari_medfm.geometry.layer_world_matrix`
         style composition before calling if the layer also has scale/translate).
         """
         a = np.asarray(affine, dtype=float)
@@ -328,19 +328,31 @@ class Geometry:
 
 
 def layer_world_matrix(layer: Any) -> np.ndarray:
-    """Full data-to-world matrix of a napari layer (affine composed with scale/translate).
+    """Full data-to-world matrix of a napari layer from its public transform attributes.
 
-    Works on any object with napari's ``_data_to_world`` transform chain or with
-    ``affine``, ``scale`` and ``translate`` attributes; imports nothing from napari.
+    napari maps data to world as ``affine @ translate @ rotate @ shear @ scale`` (its
+    ``CompositeAffine`` under a free ``affine``). Built here from the public ``affine``,
+    ``scale``, ``translate`` and, when present, ``rotate`` and ``shear`` (upper-triangular
+    coefficients or a full matrix), so it reads no private napari attribute and imports
+    nothing from napari.
     """
     n = layer.ndim
-    try:
-        return np.asarray(layer._data_to_world.affine_matrix, dtype=float)[-(n + 1):, -(n + 1):]
-    except AttributeError:
-        pass
     aff = np.asarray(getattr(layer.affine, "affine_matrix", layer.affine), dtype=float)
+    aff = aff[-(n + 1):, -(n + 1):]
+    linear = np.diag(np.asarray(layer.scale, dtype=float))
+    shear = getattr(layer, "shear", None)
+    if shear is not None:
+        sh = np.asarray(shear, dtype=float)
+        if sh.ndim == 1:
+            full = np.eye(n)
+            full[np.triu_indices(n, 1)] = sh
+            sh = full
+        linear = sh @ linear
+    rotate = getattr(layer, "rotate", None)
+    if rotate is not None:
+        linear = np.asarray(rotate, dtype=float) @ linear
     st = np.eye(n + 1)
-    st[:n, :n] = np.diag(np.asarray(layer.scale, dtype=float))
+    st[:n, :n] = linear
     st[:n, n] = np.asarray(layer.translate, dtype=float)
     return aff @ st
 

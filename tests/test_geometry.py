@@ -247,3 +247,29 @@ def test_real_napari_layer_2d_and_scale_translate_composition():
     for idx in [(0, 0), (5, 8), (2, 7)]:
         np.testing.assert_allclose(got.index_to_physical(np.asarray(idx[::-1], float)),
                                    np.asarray(both.data_to_world(idx))[::-1], atol=1e-9)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_layer_world_matrix_uses_public_transforms_only(ndim):
+    """rotate and shear compose in napari's order; no private napari attribute is read
+    (napari warns about ``_data_to_world`` from plugin code and will remove it)."""
+    from napari.layers import Image, Labels
+
+    from napari_medfm.geometry import layer_world_matrix
+
+    rng = np.random.default_rng(ndim)
+    affine = np.eye(ndim + 1)
+    affine[:ndim, :ndim] = rng.normal(size=(ndim, ndim))
+    affine[:ndim, ndim] = rng.normal(size=ndim)
+    rotate = 30.0 if ndim == 2 else (10.0, 20.0, 30.0)
+    for cls in (Image, Labels):
+        layer = cls(np.zeros((5,) * ndim, np.int32), scale=rng.uniform(0.5, 2.0, ndim),
+                    translate=rng.normal(size=ndim), rotate=rotate,
+                    shear=rng.normal(size=ndim * (ndim - 1) // 2), affine=affine)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            m = layer_world_matrix(layer)
+        for idx in [(0,) * ndim, (4,) * ndim, tuple(rng.integers(0, 5, ndim))]:
+            world = np.asarray(layer.data_to_world(idx), float)
+            np.testing.assert_allclose(m[:ndim, :ndim] @ np.asarray(idx, float) + m[:ndim, ndim],
+                                       world, atol=1e-9)
